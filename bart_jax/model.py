@@ -1,8 +1,21 @@
-"""BART encoder-decoder (placeholder while the model lands): shift_tokens_right."""
+"""The BART encoder-decoder as one linen module, plus parameter initialisation helpers.
+
+`Bart(config).apply({'params': params}, input_ids, attention_mask, decoder_input_ids,
+decoder_attention_mask, deterministic=True)` returns float32 logits [B, T, vocab_size]. Methods
+`encode`, `decode`, `init_cache` and `decode_step` expose the pieces generation needs.
+"""
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
+import flax.linen as nn
+
+from bart_jax.config import BartConfig
+from bart_jax.layers.attention import zeros_init
+from bart_jax.layers.transformer import Decoder, Encoder, check_length
 
 
 def shift_tokens_right(labels, pad_token_id: int, decoder_start_token_id: int):
@@ -14,3 +27,126 @@ def shift_tokens_right(labels, pad_token_id: int, decoder_start_token_id: int):
     shifted = jnp.concatenate(
         [jnp.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], axis=1)
     return jnp.where(shifted == -100, pad_token_id, shifted).astype(jnp.int32)
+
+
+def causal_mask(decoder_attention_mask):
+    """bool [B, 1, T, T]: query t may attend key s iff s <= t and key s is not padding."""
+    length = decoder_attention_mask.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    return causal[None, None] & decoder_attention_mask.astype(bool)[:, None, None, :]
+
+
+class Bart(nn.Module):
+    """BART (or its Pre-LN variant) with a shared, tied token embedding and `final_logits_bias`."""
+
+    config: BartConfig
+
+    def setup(self):
+        cfg = self.config
+        self.shared = nn.Embed(
+            cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            name="shared")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = self.param(
+                "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+                (cfg.padded_vocab_size, cfg.d_model), cfg.params_dtype)
+        self.final_logits_bias = self.param(
+            "final_logits_bias", zeros_init(("vocab",)), (cfg.padded_vocab_size,), cfg.params_dtype)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def _embed(self, ids):
+        scale = self.config.d_model ** 0.5 if self.config.scale_embedding else 1.0
+        return self.shared(ids) * jnp.asarray(scale, self.config.compute_dtype)
+
+    def _logits(self, hidden):
+        """hidden [..., d] -> float32 logits [..., vocab_size] (tied projection + final_logits_bias)."""
+        table = self.shared.embedding if self.config.tie_word_embeddings else self.lm_head
+        logits = jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        logits = logits + self.final_logits_bias.astype(jnp.float32)
+        return logits[..., : self.config.vocab_size]
+
+    def encode(self, input_ids, attention_mask, deterministic: bool = True):
+        """input_ids, attention_mask int [B, S] -> encoder hidden states [B, S, d] (compute dtype)."""
+        return self.encoder(self._embed(input_ids), attention_mask, deterministic)
+
+    def decode(self, decoder_input_ids, encoder_hidden, encoder_mask, decoder_attention_mask=None,
+               deterministic: bool = True):
+        """Teacher-forced decoder: ids [B, T], encoder hidden [B, S, d], mask [B, S] -> f32 logits [B, T, V]."""
+        length = decoder_input_ids.shape[1]
+        check_length(self.config, length, "decoder input")
+        if decoder_attention_mask is None:
+            decoder_attention_mask = jnp.ones_like(decoder_input_ids)
+        hidden, _ = self.decoder(
+            self._embed(decoder_input_ids), jnp.arange(length), encoder_hidden,
+            encoder_mask.astype(bool)[:, None, None, :], causal_mask(decoder_attention_mask),
+            mode="full", deterministic=deterministic)
+        return self._logits(hidden)
+
+    def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
+                 deterministic: bool = True):
+        """Full forward: f32 logits [B, T, vocab_size]."""
+        enc = self.encode(input_ids, attention_mask, deterministic)
+        return self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask, deterministic)
+
+    def init_cache(self, encoder_hidden, encoder_mask, num_beams: int, max_length: int):
+        """Decoding cache for `num_beams` beams per input and up to `max_length` decoder positions.
+
+        Returns {'self_k', 'self_v': zeros [L, B*K, max_length, N, H], 'cross_k', 'cross_v': [L, B, S, N, H]}.
+        Cross-attention keys/values are computed here once per input, at batch size B.
+        """
+        cfg = self.config
+        check_length(cfg, max_length, "max_length")
+        del encoder_mask  # cross keys/values do not depend on it; kept for a uniform signature
+        cross = self.decoder(None, None, encoder_hidden, None, None, mode="cross_kv", deterministic=True)
+        batch = encoder_hidden.shape[0]
+        heads = cfg.decoder_attention_heads
+        shape = (cfg.decoder_layers, batch * num_beams, max_length, heads, cfg.d_model // heads)
+        zeros = jnp.zeros(shape, cfg.compute_dtype)
+        return {"self_k": zeros, "self_v": zeros, **cross}
+
+    def decode_step(self, token_ids, index, cache, encoder_mask):
+        """One cached decoder step.
+
+        token_ids int [B*K]: the token at decoder position `index` (scalar; 0 holds the start token).
+        encoder_mask int [B, S]. Returns (f32 logits [B*K, vocab_size] for position index + 1, new cache).
+        """
+        max_length = cache["self_k"].shape[2]
+        self_mask = (jnp.arange(max_length) <= index)[None, None, None, :]
+        hidden, cache = self.decoder(
+            self._embed(token_ids[:, None]), jnp.reshape(index, (1,)), None,
+            encoder_mask.astype(bool)[:, None, None, :], self_mask,
+            mode="step", deterministic=True, cache=cache, index=index)
+        return self._logits(hidden[:, 0]), cache
+
+
+def _dummy_inputs(config: BartConfig):
+    ids = jnp.full((1, 4), config.eos_token_id, jnp.int32)
+    return ids, jnp.ones_like(ids), ids
+
+
+def _boxed_init(config: BartConfig, rng):
+    return Bart(config).init({"params": rng}, *_dummy_inputs(config), deterministic=True)["params"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_init(config: BartConfig, rng):
+    return nn.meta.unbox(_boxed_init(config, rng))
+
+
+def init_params(config: BartConfig, rng=None):
+    """Freshly initialised parameters (plain arrays in `param_dtype`), init as Hugging Face BART does:
+    normal(init_std) weights, zero biases, unit LayerNorm scales."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    return _jit_init(config, rng)
+
+
+def param_logical_axes(config: BartConfig):
+    """The parameter tree with a `PartitionSpec` of logical axis names per leaf (no arrays allocated)."""
+    boxed = jax.eval_shape(lambda: _boxed_init(config, jax.random.PRNGKey(0)))
+    return nn.get_partition_spec(boxed)
+
+
+def param_count(params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
