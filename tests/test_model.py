@@ -1,0 +1,224 @@
+"""Model core: shapes, dtypes, gradients, scan/unrolled equality, cache path, presets, traps."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bart_jax import Bart, BartConfig, init_params, param_logical_axes, preset, shift_tokens_right
+from bart_jax.layers.transformer import activation
+from bart_jax.model import param_count
+
+
+def tiny(**kw):
+    return preset("tiny", dropout=0.0, vocab_size=97, max_position_embeddings=32, **kw)
+
+
+def batch():
+    ids = jnp.array([[0, 5, 6, 7, 8, 2, 1, 1], [0, 9, 10, 2, 1, 1, 1, 1]], jnp.int32)
+    labels = jnp.array([[0, 5, 6, 7, 2, 1], [0, 9, 10, 11, 12, 2]], jnp.int32)
+    dec = shift_tokens_right(labels, 1, 2)
+    return ids, (ids != 1).astype(jnp.int32), dec, (labels != 1).astype(jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def cfg_params():
+    cfg = tiny()
+    return cfg, init_params(cfg, jax.random.PRNGKey(1))
+
+
+def test_shift_tokens_right():
+    labels = jnp.array([[0, 5, 6, 2], [0, 7, -100, -100]])
+    out = shift_tokens_right(labels, pad_token_id=1, decoder_start_token_id=2)
+    np.testing.assert_array_equal(out, [[2, 0, 5, 6], [2, 0, 7, 1]])
+    assert out.dtype == jnp.int32
+
+
+def test_forward_shapes_and_dtype(cfg_params):
+    cfg, params = cfg_params
+    ids, am, dec, dm = batch()
+    logits = Bart(cfg).apply({"params": params}, ids, am, dec, dm, deterministic=True)
+    chex.assert_shape(logits, (2, 6, cfg.vocab_size))
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_tree_all_finite(logits)
+
+
+def test_bf16_compute_keeps_fp32_params_and_logits():
+    cfg = tiny(dtype="bfloat16")
+    params = init_params(cfg)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+    ids, am, dec, dm = batch()
+    model = Bart(cfg)
+    enc = model.apply({"params": params}, ids, am, method="encode")
+    chex.assert_type(enc, jnp.bfloat16)
+    logits = model.apply({"params": params}, ids, am, dec, dm)
+    chex.assert_type(logits, jnp.float32)
+    ref = Bart(tiny()).apply({"params": params}, ids, am, dec, dm)
+    # bf16 compute stays close to fp32 on a tiny model
+    assert float(jnp.max(jnp.abs(logits - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
+
+
+def test_gradient_reaches_every_parameter(cfg_params):
+    cfg, params = cfg_params
+    ids, am, dec, dm = batch()
+    model = Bart(cfg)
+    # Perturb everything so no gradient is zero by symmetry (zero biases, unit LayerNorm scales).
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    params = tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+    def loss(p):
+        logits = model.apply({"params": p}, ids, am, dec, dm)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 7] * dm)
+
+    grads = jax.grad(loss)(params)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    dead = [jax.tree_util.keystr(path) for path, g in flat if not bool(jnp.any(g != 0))]
+    assert not dead, f"no gradient reaches {dead}"
+
+
+def test_scan_and_unrolled_are_equal(cfg_params):
+    cfg, params = cfg_params
+    ids, am, dec, dm = batch()
+    a = Bart(cfg).apply({"params": params}, ids, am, dec, dm)
+    b = Bart(cfg.replace(scan_layers=False)).apply({"params": params}, ids, am, dec, dm)
+    chex.assert_trees_all_close(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_changes_nothing_numerically(cfg_params, policy):
+    cfg, params = cfg_params
+    ids, am, dec, dm = batch()
+
+    def grads(c):
+        return jax.grad(lambda p: jnp.sum(Bart(c).apply({"params": p}, ids, am, dec, dm) ** 2))(params)
+
+    chex.assert_trees_all_close(grads(cfg), grads(cfg.replace(remat_policy=policy)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cached_steps_equal_full_forward(cfg_params, num_beams):
+    cfg, params = cfg_params
+    ids, am, _, _ = batch()
+    model = Bart(cfg)
+    dec = jnp.array([[2, 0, 5, 6, 7, 8, 9], [2, 0, 9, 10, 11, 12, 13]], jnp.int32)
+    full = model.apply({"params": params}, ids, am, dec)
+    enc = model.apply({"params": params}, ids, am, method="encode")
+    cache = model.apply({"params": params}, enc, am, num_beams, 10, method="init_cache")
+    chex.assert_shape(cache["self_k"], (cfg.decoder_layers, 2 * num_beams, 10, 4, 16))
+    chex.assert_shape(cache["cross_k"], (cfg.decoder_layers, 2, 8, 4, 16))  # per input, not per beam
+    step = jax.jit(lambda t, i, c: model.apply({"params": params}, t, i, c, am, method="decode_step"))
+    beams = jnp.repeat(dec, num_beams, axis=0)
+    for t in range(dec.shape[1]):
+        logits, cache = step(beams[:, t], jnp.int32(t), cache)
+        expect = jnp.repeat(full[:, t], num_beams, axis=0)
+        chex.assert_trees_all_close(logits, expect, atol=2e-5)
+
+
+def test_padding_does_not_change_real_positions(cfg_params):
+    cfg, params = cfg_params
+    model = Bart(cfg)
+    ids = jnp.array([[0, 5, 6, 2]]); dec = jnp.array([[2, 0, 5]])
+    short = model.apply({"params": params}, ids, jnp.ones_like(ids), dec)
+    padded_ids = jnp.array([[0, 5, 6, 2, 1, 1, 1]])
+    long = model.apply({"params": params}, padded_ids, (padded_ids != 1).astype(jnp.int32), dec)
+    chex.assert_trees_all_close(short, long, atol=1e-5)
+
+
+def test_fully_padded_row_is_finite(cfg_params):
+    cfg, params = cfg_params
+    ids = jnp.array([[0, 5, 2], [1, 1, 1]])
+    logits = Bart(cfg).apply({"params": params}, ids, (ids != 1).astype(jnp.int32), jnp.array([[2, 0], [2, 0]]))
+    chex.assert_tree_all_finite(logits)
+
+
+def test_preset_parameter_counts_match_hugging_face():
+    # Hugging Face's published counts, plus final_logits_bias (one entry per vocabulary token).
+    for name, hf_count in (("bart-base", 139_420_416), ("bart-large", 406_291_456)):
+        cfg = preset(name)
+        shapes = jax.eval_shape(lambda c=cfg: init_params(c))
+        assert param_count(shapes) == hf_count + cfg.vocab_size, name
+
+
+def test_logical_axes_cover_every_parameter():
+    cfg = tiny()
+    axes = param_logical_axes(cfg)
+    shapes = jax.eval_shape(lambda: init_params(cfg))
+    for (path, spec), shape in zip(jax.tree_util.tree_flatten_with_path(axes)[0], jax.tree_util.tree_leaves(shapes)):
+        assert len(spec) == len(shape.shape), jax.tree_util.keystr(path)
+        assert all(isinstance(n, str) for n in spec), jax.tree_util.keystr(path)
+    assert tuple(axes["encoder"]["layers"]["self_attn"]["q_proj"]["kernel"]) == ("layers", "embed", "heads", "kv")
+    assert tuple(axes["shared"]["embedding"]) == ("vocab", "embed")
+    assert tuple(axes["decoder"]["layers"]["ffn"]["fc1"]["kernel"]) == ("layers", "embed", "mlp")
+
+
+def test_padded_vocab_gives_same_logits(cfg_params):
+    cfg, params = cfg_params
+    padded_cfg = cfg.replace(pad_vocab_to_multiple_of=128)
+    assert padded_cfg.padded_vocab_size == 128
+    padded = dict(params)
+    padded["shared"] = {"embedding": jnp.pad(params["shared"]["embedding"], ((0, 128 - 97), (0, 0)))}
+    padded["final_logits_bias"] = jnp.pad(params["final_logits_bias"], (0, 128 - 97))
+    ids, am, dec, dm = batch()
+    a = Bart(cfg).apply({"params": params}, ids, am, dec, dm)
+    b = Bart(padded_cfg).apply({"params": padded}, ids, am, dec, dm)
+    chex.assert_shape(b, a.shape)
+    chex.assert_trees_all_close(a, b, atol=1e-6)
+
+
+def test_gelu_is_exact_erf_form():
+    x = jnp.linspace(-4, 4, 101)
+    from scipy.special import erf
+    exact = 0.5 * np.asarray(x) * (1 + erf(np.asarray(x) / np.sqrt(2)))
+    np.testing.assert_allclose(activation("gelu")(x), exact, atol=1e-6)
+    assert float(jnp.max(jnp.abs(activation("gelu_new")(x) - exact))) > 1e-4  # the approximation differs
+
+
+def test_layer_norm_epsilon_default():
+    assert BartConfig().layer_norm_eps == 1e-5
+
+
+def test_over_long_input_is_a_clear_error(cfg_params):
+    cfg, params = cfg_params
+    ids = jnp.zeros((1, cfg.max_position_embeddings + 1), jnp.int32)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        Bart(cfg).apply({"params": params}, ids, jnp.ones_like(ids), method="encode")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("encoder_attention_heads", 5, "not divisible"),
+    ("activation_function", "gelu_fast", "unknown activation"),
+    ("encoder_ffn_dim", -3, "positive"),
+    ("decoder_layers", 0, ">= 1"),
+    ("dropout", 1.5, r"\[0, 1\)"),
+    ("dtype", "float8", "expected one of"),
+    ("pad_token_id", 10_000, "token id"),
+])
+def test_invalid_config_names_the_field(field, value, match):
+    with pytest.raises(ValueError, match=f"BartConfig.{field}.*{match}"):
+        preset("tiny", **{field: value})
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+    cfg = tiny().replace(dropout=0.3)
+    params = init_params(cfg)
+    ids, am, dec, dm = batch()
+    model = Bart(cfg)
+    a = model.apply({"params": params}, ids, am, dec, dm, deterministic=True)
+    b = model.apply({"params": params}, ids, am, dec, dm, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    c = model.apply({"params": params}, ids, am, dec, dm, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+    chex.assert_trees_all_close(b, c)
+
+
+def test_attention_dropout_path():
+    cfg = tiny().replace(attention_dropout=0.2)
+    params = init_params(cfg)
+    ids, am, dec, dm = batch()
+    model = Bart(cfg)
+    a = model.apply({"params": params}, ids, am, dec, dm, deterministic=True)
+    ref = Bart(tiny()).apply({"params": params}, ids, am, dec, dm)
+    chex.assert_trees_all_close(a, ref, atol=1e-6)  # inactive when deterministic
+    b = model.apply({"params": params}, ids, am, dec, dm, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-4
