@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu", "swish", "tanh")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# float64 (with jax_enable_x64) exists for verifying exactness against float64 references.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 
 
 @dataclasses.dataclass(frozen=True)

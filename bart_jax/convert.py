@@ -5,7 +5,8 @@
   or a bart_jax model directory (bart_config.json + params.safetensors).
 - `save_pretrained(dir, config, params)` writes a Hugging Face directory (config.json + model.safetensors).
 - `save_model` / `load_model` write and read bart_jax's own directory.
-safetensors never needs torch; .bin/.pt files do, and say so when it is missing. Every mismatch (missing,
+No format needs torch: zip-format .bin/.pt files (torch >= 1.6) are unpickled with numpy; only legacy
+pre-1.6 files need torch, and say so when it is missing. Every mismatch (missing,
 unexpected or wrongly shaped tensors) is one error listing all the offending names.
 """
 
@@ -160,31 +161,36 @@ def hf_state_dict_to_params(config: BartConfig, state: dict[str, np.ndarray], so
     else:  # absent in BartModel checkpoints: zeros, as Hugging Face does
         flat["final_logits_bias"] = np.zeros((config.vocab_size,), np.float32)
 
+    expected = _expected_shapes(config)
+
+    def convert(name, to_ours, want):
+        """One tensor in our layout, or None with the problem recorded."""
+        if name not in state:
+            problems.append(f"missing {name}")
+            return None
+        try:
+            value = to_ours(take(name))
+        except ValueError:
+            value = None
+        if value is None or value.shape != want:
+            problems.append(f"{name}: shape {tuple(state[name].shape)} does not fit the config "
+                            f"(expected {want} in bart_jax layout)")
+            return None
+        return value
+
     for stack, n_layers in (("encoder", config.encoder_layers), ("decoder", config.decoder_layers)):
         for ours, hf, to_ours, _ in _stack_entries(config, stack):
-            if hf in state:
-                flat[ours] = to_ours(take(hf))
-            else:
-                problems.append(f"missing {hf}")
+            value = convert(hf, to_ours, expected[ours])
+            if value is not None:
+                flat[ours] = value
         for ours, hf, to_ours, _ in _layer_entries(config, stack):
-            per_layer = []
-            for i in range(n_layers):
-                name = f"{stack}.layers.{i}.{hf}"
-                if name not in state:
-                    problems.append(f"missing {name}")
-                    continue
-                try:
-                    per_layer.append(to_ours(take(name)))
-                except ValueError:
-                    problems.append(f"{name}: shape {tuple(state[name].shape)} does not fit d_model="
-                                    f"{config.d_model} and the configured heads")
-            if len(per_layer) == n_layers and len({p.shape for p in per_layer}) == 1:
-                flat[f"{stack}/layers/{ours}"] = np.stack(per_layer)
+            key = f"{stack}/layers/{ours}"
+            per_layer = [convert(f"{stack}.layers.{i}.{hf}", to_ours, expected[key][1:]) for i in range(n_layers)]
+            if all(p is not None for p in per_layer):
+                flat[key] = np.stack(per_layer)
 
     unexpected = sorted(set(state) - used)
     problems += [f"unexpected {n}" for n in unexpected]
-
-    expected = _expected_shapes(config)
     for key in ("shared/embedding", "lm_head", "final_logits_bias"):
         if key in flat:
             want = expected[key][0]
@@ -218,35 +224,102 @@ def params_to_hf_state_dict(config: BartConfig, params) -> dict[str, np.ndarray]
 
 
 # --------------------------------------------------------------------------- file readers
-def _require_torch(path):
-    try:
-        import torch  # noqa: F401
-    except ImportError as e:
-        raise CheckpointError(
-            f"{path}: reading PyTorch .bin/.pt checkpoints needs torch, which is not installed. Install a CPU "
-            "build (pip install torch) or convert the checkpoint to safetensors first.") from e
-    return torch
+# Element types of torch's typed storages, for reading checkpoints without torch.
+_TORCH_STORAGE_DTYPES = {
+    "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
+    "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
 
 
-def _torch_tensors_to_numpy(state) -> dict[str, np.ndarray]:
-    import torch
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.detach().to(torch.float32).cpu().numpy()
-    return out
+class _TorchStub:
+    """Stands in for pickled classes we do not need (optimizer state, omegaconf nodes, ...)."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __call__(self, *args, **kwargs):
+        return _TorchStub(*args)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    """torch._utils._rebuild_tensor_v2 with numpy: a strided view of a flat storage, copied."""
+    itemsize = storage.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(
+        storage[offset:], shape=tuple(size), strides=tuple(st * itemsize for st in stride))
+    return np.array(view)
+
+
+def _read_torch_zip(path):
+    """Unpickle a zip-format torch.save file (torch >= 1.6) into numpy arrays, without torch."""
+    import pickle
+    import zipfile
+
+    import ml_dtypes
+
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        pkl = next((n for n in names if n.endswith("data.pkl")), None)
+        if pkl is None:
+            raise CheckpointError(f"{path}: zip archive without data.pkl; not a torch checkpoint")
+        root = pkl[: -len("data.pkl")]
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+                    return _rebuild_tensor
+                if module == "torch" and name in _TORCH_STORAGE_DTYPES:
+                    return name
+                if (module, name) in (("collections", "OrderedDict"), ("argparse", "Namespace"),
+                                      ("builtins", "set"), ("builtins", "slice")):
+                    return super().find_class(module, name)
+                return _TorchStub
+
+            def persistent_load(self, pid):
+                _, storage_type, key, _, _ = pid
+                dtype = _TORCH_STORAGE_DTYPES.get(storage_type) if isinstance(storage_type, str) else None
+                if dtype is None:
+                    raise CheckpointError(f"{path}: unsupported tensor storage {storage_type!r}")
+                dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+                return np.frombuffer(zf.read(f"{root}data/{key}"), dtype=dtype)
+
+        return Unpickler(zf.open(pkl)).load()
 
 
 def _torch_load(path):
-    torch = _require_torch(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        # fairseq checkpoints pickle their args/cfg objects alongside the weights.
+    """Read a torch.save file. Zip-format files (torch >= 1.6) need no torch; legacy ones do."""
+    import zipfile
+    if zipfile.is_zipfile(path):
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return _read_torch_zip(path)
+        except CheckpointError:
+            raise
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+            raise CheckpointError(f"{path}: corrupt torch checkpoint ({type(e).__name__}: {e})") from e
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(
+            f"{path}: this is a legacy (pre-1.6, non-zip) PyTorch checkpoint, which needs torch to read, and "
+            "torch is not installed. Install a CPU build of torch, or re-save it with a recent torch.") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _tensors(state) -> dict[str, np.ndarray]:
+    """The array entries of a loaded state dict as float32 numpy (torch tensors converted if present)."""
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, np.ndarray):
+            out[k] = v.astype(np.float32)
+        elif type(v).__module__.startswith("torch"):
+            out[k] = v.detach().float().cpu().numpy()
+    return out
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
@@ -277,7 +350,7 @@ def _read_hf_state(directory) -> tuple[dict[str, np.ndarray], str]:
             state.update(read_safetensors(os.path.join(directory, name)))
         return state, index
     if os.path.exists(binf):
-        return _torch_tensors_to_numpy(_torch_load(binf)), binf
+        return _tensors(_torch_load(binf)), binf
     raise CheckpointError(f"{directory}: no {HF_WEIGHTS}, {HF_INDEX} or {HF_TORCH} found")
 
 
@@ -315,7 +388,7 @@ def _read_fairseq(path, overrides):
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a fairseq checkpoint (expected a dict with a 'model' entry)")
-    state = _torch_tensors_to_numpy(ckpt["model"])
+    state = _tensors(ckpt["model"])
     if "decoder.output_projection.weight" in state:
         state["lm_head.weight"] = state.pop("decoder.output_projection.weight")
     config = _fairseq_config(ckpt, state, path, overrides)

@@ -63,8 +63,9 @@ class Bart(nn.Module):
     def _logits(self, hidden):
         """hidden [..., d] -> float32 logits [..., vocab_size] (tied projection + final_logits_bias)."""
         table = self.shared.embedding if self.config.tie_word_embeddings else self.lm_head
-        logits = jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype), preferred_element_type=jnp.float32)
-        logits = logits + self.final_logits_bias.astype(jnp.float32)
+        out_dtype = jnp.promote_types(hidden.dtype, jnp.float32)  # float32, or float64 for verification
+        logits = jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype), preferred_element_type=out_dtype)
+        logits = logits + self.final_logits_bias.astype(out_dtype)
         return logits[..., : self.config.vocab_size]
 
     def encode(self, input_ids, attention_mask, deterministic: bool = True):

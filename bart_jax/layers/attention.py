@@ -32,13 +32,18 @@ def dot_product_attention(q, k, v, mask, config: BartConfig, deterministic: bool
     Returns [B, T, N, H]. Goes through `jax.nn.dot_product_attention` (so XLA may pick cuDNN's fused
     kernel on GPU) unless attention dropout is active, which that API does not offer.
     """
-    if config.attention_dropout > 0.0 and not deterministic:
+    dropout = config.attention_dropout > 0.0 and not deterministic
+    # jax.nn.dot_product_attention takes its softmax in float32; float64 (used to verify exactness) and
+    # attention dropout go through this explicit path.
+    if dropout or q.dtype == jnp.float64:
         scale = q.shape[-1] ** -0.5
-        logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+        logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=logits_dtype) * scale
         logits = jnp.where(mask, logits, MASK_VALUE)
         probs = jax.nn.softmax(logits, axis=-1)
-        probs = dropout_module(probs, deterministic=False).astype(v.dtype)
-        return jnp.einsum("bnts,bsnh->btnh", probs, v)
+        if dropout:
+            probs = dropout_module(probs, deterministic=False)
+        return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=config.attention_implementation)
 
 
