@@ -1,0 +1,449 @@
+"""Datasets as tensorflow-datasets builders writing array_record files (TensorFlow is not needed).
+
+Three builders, each prepared into a `data_dir` once and then read by random access (grain):
+  * `text_corpus` — local .txt / .jsonl / .gz files, one document per line (or blank-line separated),
+    for pretraining. Features: {'text'}.
+  * `summarization_pairs` — local JSON lines or TSV files with configurable document/summary field names,
+    train/validation/test splits, for fine-tuning and evaluation. Features: {'document', 'summary'}.
+  * `stdlib_docs` — the built-in offline corpus (`bart_jax.data.builtin`), config 'documents' (like
+    text_corpus) or 'pairs' (like summarization_pairs), splits train/validation/test.
+
+Plain functions build and load them: `prepare_text_corpus`, `prepare_pairs`, `prepare_builtin`,
+`load_prepared`; each returns a `PreparedDataset` (split -> tfds ArrayRecordDataSource, plus the input
+statistics such as how many empty documents were skipped). Text features read back as UTF-8 `bytes`.
+
+Bad input: empty documents are skipped and counted (`stats['empty_documents']`); undecodable bytes and
+malformed JSON raise ValueError naming file and line; a missing field raises ValueError naming the field,
+file and line. Prepare on one process per file system (e.g. `jax.process_index() == 0` with a shared
+data_dir), then `load_prepared` everywhere.
+
+CLI: `bart-jax data text|pairs|builtin ...` (see `cli_main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections.abc
+import csv
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from typing import Iterator
+
+import tensorflow_datasets as tfds
+
+SPLITS = ("train", "validation", "test")
+_VERSION = "1.0.0"
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+def _open_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without newline) of a UTF-8 file, gzip-decompressed when it ends .gz.
+
+    Raises ValueError naming file and line at the first undecodable byte sequence.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: undecodable bytes (not UTF-8) at byte {e.start} of the "
+                                 f"line: {raw[max(0, e.start - 10):e.start + 10]!r}") from None
+            yield lineno, line.rstrip("\r\n")
+
+
+def _file_kind(path: str) -> str:
+    """'jsonl', 'tsv' or 'txt' from the file name (a trailing .gz is looked through)."""
+    name = path[:-3] if path.endswith(".gz") else path
+    ext = os.path.splitext(name)[1].lower()
+    return {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv"}.get(ext, "txt")
+
+
+def _json_record(path: str, lineno: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
+    return record
+
+
+def _field(record: dict, field: str, path: str, lineno: int) -> str:
+    if field not in record:
+        raise ValueError(f"{path}:{lineno}: missing field {field!r} (fields present: {sorted(record)})")
+    value = record[field]
+    if not isinstance(value, str):
+        raise ValueError(f"{path}:{lineno}: field {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def iter_text_documents(path: str, *, text_field: str = "text", blank_line_docs: bool = False,
+                        stats: dict | None = None) -> Iterator[str]:
+    """Documents of one corpus file.
+
+    .txt: one document per line, or with `blank_line_docs` blank-line separated documents (lines kept,
+    joined by '\\n'). .jsonl/.json: one JSON object per line, document in `text_field`. Any of these may be
+    gzipped (.gz). Empty documents are skipped and counted in `stats['empty_documents']`;
+    `stats['documents']` counts the ones yielded.
+    """
+    stats = {} if stats is None else stats
+    stats.setdefault("documents", 0)
+    stats.setdefault("empty_documents", 0)
+
+    def emit(text):
+        if text.strip():
+            stats["documents"] += 1
+            return True
+        stats["empty_documents"] += 1
+        return False
+
+    kind = _file_kind(path)
+    if kind == "tsv":
+        raise ValueError(f"{path}: TSV files hold summarization pairs; use a .txt or .jsonl file for a corpus")
+    if kind == "jsonl":
+        for lineno, line in _open_lines(path):
+            if line.strip():
+                text = _field(_json_record(path, lineno, line), text_field, path, lineno)
+                if emit(text):
+                    yield text
+        return
+    if not blank_line_docs:
+        for _, line in _open_lines(path):
+            if emit(line):
+                yield line
+        return
+    block = []
+    for _, line in _open_lines(path):
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "\n".join(block)
+            stats["documents"] += 1
+            block = []
+    if block:
+        stats["documents"] += 1
+        yield "\n".join(block)
+
+
+def iter_pairs(path: str, *, document_field: str = "document", summary_field: str = "summary",
+               stats: dict | None = None) -> Iterator[dict]:
+    """{'document', 'summary'} records of one JSON-lines (.jsonl/.json) or TSV (.tsv, header row naming the
+    columns) file, optionally gzipped. Pairs with an empty document or summary are skipped and counted in
+    `stats['empty_pairs']`; `stats['pairs']` counts the ones yielded.
+    """
+    stats = {} if stats is None else stats
+    stats.setdefault("pairs", 0)
+    stats.setdefault("empty_pairs", 0)
+    kind = _file_kind(path)
+    if kind == "txt":
+        raise ValueError(f"{path}: summarization pairs must be .jsonl/.json or .tsv (optionally .gz)")
+    if kind == "jsonl":
+        records = ((n, _json_record(path, n, line)) for n, line in _open_lines(path) if line.strip())
+    else:
+        records = _tsv_records(path)
+    for lineno, record in records:
+        document = _field(record, document_field, path, lineno)
+        summary = _field(record, summary_field, path, lineno)
+        if document.strip() and summary.strip():
+            stats["pairs"] += 1
+            yield {"document": document, "summary": summary}
+        else:
+            stats["empty_pairs"] += 1
+
+
+def _tsv_records(path: str) -> Iterator[tuple[int, dict]]:
+    lines = _open_lines(path)
+    try:
+        _, header_line = next(lines)
+    except StopIteration:
+        return
+    header = header_line.split("\t")
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        values = next(csv.reader(io.StringIO(line), delimiter="\t", quoting=csv.QUOTE_NONE))
+        if len(values) != len(header):
+            raise ValueError(f"{path}:{lineno}: {len(values)} tab-separated columns, header has "
+                             f"{len(header)} ({header})")
+        yield lineno, dict(zip(header, values))
+
+
+# --------------------------------------------------------------------------------------------- builders
+
+def _fingerprint(*parts) -> str:
+    """Identity of a dataset's inputs and options (file names and sizes, not contents)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _files_fingerprint(split_paths: dict) -> list:
+    return [(split, os.path.basename(p), os.path.getsize(p)) for split, paths in sorted(split_paths.items())
+            for p in paths]
+
+
+@dataclasses.dataclass(eq=False)
+class TextCorpusConfig(tfds.core.BuilderConfig):
+    """split -> files, and how to read them (see `iter_text_documents`)."""
+
+    split_paths: dict = dataclasses.field(default_factory=dict)
+    text_field: str = "text"
+    blank_line_docs: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class PairsConfig(tfds.core.BuilderConfig):
+    """split -> files, and the document/summary field (or TSV column) names."""
+
+    split_paths: dict = dataclasses.field(default_factory=dict)
+    document_field: str = "document"
+    summary_field: str = "summary"
+
+
+def _text_features():
+    return tfds.features.FeaturesDict({"text": tfds.features.Text()})
+
+
+def _pair_features():
+    return tfds.features.FeaturesDict({"document": tfds.features.Text(), "summary": tfds.features.Text()})
+
+
+class _Builder(tfds.core.GeneratorBasedBuilder):
+    """Shared plumbing: DatasetInfo built directly (no package metadata files), stats into metadata.json."""
+
+    VERSION = tfds.core.Version(_VERSION)
+
+    def _features(self):
+        raise NotImplementedError
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=self._features(), metadata=tfds.core.MetadataDict())
+
+    def _record_stats(self, split: str, stats: dict):
+        self.info.metadata.setdefault("stats", {})[split] = dict(stats)
+
+
+class TextCorpus(_Builder):
+    """Pretraining documents from local files. Features: {'text': Text}."""
+
+    def _features(self):
+        return _text_features()
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split, paths)
+                for split, paths in self.builder_config.split_paths.items()}
+
+    def _generate_examples(self, split, paths):
+        cfg, stats = self.builder_config, {}
+        for file_index, path in enumerate(paths):
+            docs = iter_text_documents(path, text_field=cfg.text_field, blank_line_docs=cfg.blank_line_docs,
+                                       stats=stats)
+            for doc_index, text in enumerate(docs):
+                yield f"{file_index}:{doc_index}", {"text": text}
+        self._record_stats(split, stats)
+
+
+class SummarizationPairs(_Builder):
+    """Document -> summary pairs from local JSON lines / TSV files. Features: {'document', 'summary'}."""
+
+    def _features(self):
+        return _pair_features()
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split, paths)
+                for split, paths in self.builder_config.split_paths.items()}
+
+    def _generate_examples(self, split, paths):
+        cfg, stats = self.builder_config, {}
+        for file_index, path in enumerate(paths):
+            pairs = iter_pairs(path, document_field=cfg.document_field, summary_field=cfg.summary_field,
+                               stats=stats)
+            for pair_index, pair in enumerate(pairs):
+                yield f"{file_index}:{pair_index}", pair
+        self._record_stats(split, stats)
+
+
+class StdlibDocs(_Builder):
+    """The built-in corpus: config 'documents' ({'text'}) or 'pairs' ({'document', 'summary'})."""
+
+    BUILDER_CONFIGS = [
+        tfds.core.BuilderConfig(name="documents", description="stdlib documentation, one doc per module"),
+        tfds.core.BuilderConfig(name="pairs", description="docstring body -> its one-line summary"),
+    ]
+
+    def _features(self):
+        return _text_features() if self.builder_config.name == "documents" else _pair_features()
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split) for split in SPLITS}
+
+    def _generate_examples(self, split):
+        from bart_jax.data.builtin import harvest_stdlib_docs
+
+        corpus = harvest_stdlib_docs()
+        if self.builder_config.name == "documents":
+            for i, text in enumerate(corpus.documents[split]):
+                yield i, {"text": text}
+            self._record_stats(split, {"documents": len(corpus.documents[split])})
+        else:
+            for i, pair in enumerate(corpus.pairs[split]):
+                yield i, pair
+            self._record_stats(split, {"pairs": len(corpus.pairs[split])})
+
+
+class PreparedDataset(collections.abc.Mapping):
+    """A prepared dataset: split -> random-access data source (tfds ArrayRecordDataSource), plus
+    `path` (the dataset's version directory) and `stats` (split -> input statistics)."""
+
+    def __init__(self, path: str, sources: dict, stats: dict):
+        self.path, self._sources, self.stats = path, dict(sources), stats
+
+    def __getitem__(self, split):
+        if split not in self._sources:
+            raise KeyError(f"split {split!r} not in dataset at {self.path} (has {sorted(self._sources)})")
+        return self._sources[split]
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self):
+        return len(self._sources)
+
+    def __repr__(self):
+        sizes = {split: len(src) for split, src in self._sources.items()}
+        return f"PreparedDataset({self.path!r}, sizes={sizes})"
+
+
+def load_prepared(path: str | os.PathLike) -> PreparedDataset:
+    """Opens a prepared dataset from its version directory (`PreparedDataset.path`); needs no builder code."""
+    builder = tfds.builder_from_directory(os.fspath(path))
+    return PreparedDataset(os.fspath(path), builder.as_data_source(),
+                           dict(builder.info.metadata or {}).get("stats", {}))
+
+
+def _prepare(builder_cls, config, data_dir, fingerprint: str, overwrite: bool) -> PreparedDataset:
+    """Builds (or reuses, when the inputs' fingerprint matches) a dataset in data_dir and opens it."""
+    builder = builder_cls(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+    path = os.fspath(builder.data_path)
+    meta_path = os.path.join(path, "metadata.json")
+    if os.path.exists(meta_path) and not overwrite:
+        with open(meta_path) as f:
+            if json.load(f).get("fingerprint") != fingerprint:
+                raise ValueError(f"{path} holds a dataset built from other inputs or options; pass "
+                                 f"overwrite=True (--overwrite) or use another name")
+    builder.info.metadata["fingerprint"] = fingerprint
+    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    if overwrite:
+        mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    return load_prepared(path)
+
+
+def _check_split_paths(split_paths: dict) -> dict:
+    out = {}
+    for split, paths in split_paths.items():
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if not paths:
+            continue
+        missing = [os.fspath(p) for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"split {split!r}: no such file(s) {missing}")
+        out[split] = [os.path.abspath(p) for p in paths]
+    if not out:
+        raise ValueError("no input files given")
+    return out
+
+
+def prepare_text_corpus(split_paths: dict, data_dir: str | os.PathLike, *, name: str = "default",
+                        text_field: str = "text", blank_line_docs: bool = False,
+                        overwrite: bool = False) -> PreparedDataset:
+    """Builds the `text_corpus` dataset `name` in data_dir from {split: [files]}; returns its sources.
+
+    Each source element is {'text': bytes}. Reuses an existing build of the same inputs.
+    """
+    split_paths = _check_split_paths(split_paths)
+    config = TextCorpusConfig(name=name, split_paths=split_paths, text_field=text_field,
+                              blank_line_docs=blank_line_docs)
+    fingerprint = _fingerprint(_files_fingerprint(split_paths), text_field, blank_line_docs)
+    return _prepare(TextCorpus, config, data_dir, fingerprint, overwrite)
+
+
+def prepare_pairs(split_paths: dict, data_dir: str | os.PathLike, *, name: str = "default",
+                  document_field: str = "document", summary_field: str = "summary",
+                  overwrite: bool = False) -> PreparedDataset:
+    """Builds the `summarization_pairs` dataset `name` in data_dir from {split: [files]}.
+
+    Each source element is {'document': bytes, 'summary': bytes}. Reuses an existing build of the same inputs.
+    """
+    split_paths = _check_split_paths(split_paths)
+    config = PairsConfig(name=name, split_paths=split_paths, document_field=document_field,
+                         summary_field=summary_field)
+    fingerprint = _fingerprint(_files_fingerprint(split_paths), document_field, summary_field)
+    return _prepare(SummarizationPairs, config, data_dir, fingerprint, overwrite)
+
+
+def prepare_builtin(data_dir: str | os.PathLike, kind: str = "documents", *,
+                    overwrite: bool = False) -> PreparedDataset:
+    """Builds the built-in stdlib-docs dataset in data_dir: kind 'documents' (pretraining, {'text'}) or
+    'pairs' (summarization, {'document', 'summary'}); splits train/validation/test."""
+    if kind not in ("documents", "pairs"):
+        raise ValueError(f"kind must be 'documents' or 'pairs', got {kind!r}")
+    # The corpus is a function of the interpreter's stdlib: rebuild when the Python version changes.
+    return _prepare(StdlibDocs, kind, data_dir, _fingerprint(sys.version, kind), overwrite)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def cli_main(argv: list[str]) -> int:
+    """`bart-jax data text|pairs|builtin --data-dir DIR ...`: build a dataset, print its sizes and stats."""
+    parser = argparse.ArgumentParser(prog="bart-jax data", description="build TFDS (array_record) datasets")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command, help_text in (("text", "pretraining corpus from .txt/.jsonl/.gz files"),
+                               ("pairs", "summarization pairs from .jsonl/.tsv files")):
+        p = sub.add_parser(command, help=help_text)
+        p.add_argument("--data-dir", required=True)
+        p.add_argument("--name", default="default", help="dataset config name (several can share a data dir)")
+        for split in SPLITS:
+            p.add_argument(f"--{split}", nargs="*", default=[], metavar="FILE")
+        p.add_argument("--overwrite", action="store_true")
+        if command == "text":
+            p.add_argument("--text-field", default="text", help="JSON field holding the document")
+            p.add_argument("--blank-line-docs", action="store_true",
+                           help="documents are separated by blank lines (default: one per line)")
+        else:
+            p.add_argument("--document-field", default="document")
+            p.add_argument("--summary-field", default="summary")
+    p = sub.add_parser("builtin", help="the built-in corpus harvested from the Python standard library")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--kind", choices=("documents", "pairs", "both"), default="both")
+    p.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    try:
+        if args.command == "builtin":
+            kinds = ("documents", "pairs") if args.kind == "both" else (args.kind,)
+            prepared = [prepare_builtin(args.data_dir, kind, overwrite=args.overwrite) for kind in kinds]
+        else:
+            split_paths = {split: getattr(args, split) for split in SPLITS}
+            if args.command == "text":
+                prepared = [prepare_text_corpus(split_paths, args.data_dir, name=args.name,
+                                                text_field=args.text_field,
+                                                blank_line_docs=args.blank_line_docs, overwrite=args.overwrite)]
+            else:
+                prepared = [prepare_pairs(split_paths, args.data_dir, name=args.name,
+                                          document_field=args.document_field, summary_field=args.summary_field,
+                                          overwrite=args.overwrite)]
+    except (ValueError, FileNotFoundError) as e:
+        print(f"bart-jax data: {e}", file=sys.stderr)
+        return 1
+    for ds in prepared:
+        print(json.dumps({"path": ds.path, "sizes": {s: len(ds[s]) for s in ds}, "stats": ds.stats}))
+    print(f"done in {time.perf_counter() - start:.1f}s")
+    return 0
