@@ -1,0 +1,264 @@
+"""`bart-jax generate` (stream documents through beam search) and `bart-jax evaluate` (ROUGE on a split)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import sys
+import time
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from bart_jax.decode.generate import (
+    CONTROL_NAMES,
+    generate,
+    load_generation_preset,
+    pad_batch,
+    resolve_controls,
+    strip_special,
+)
+
+
+def load_model_for_inference(path, tokenizer_path=None, **config_overrides):
+    """(config, params, tokenizer) for generation from a checkpoint directory.
+
+    Supported now: whatever `bart_jax.from_pretrained` reads (Hugging Face directory, fairseq model.pt,
+    bart_jax model directory). Training checkpoints (orbax) are to be added here. The tokenizer is loaded
+    from `tokenizer_path` (default: the checkpoint directory) with `load_tokenizer`.
+    """
+    from bart_jax.convert import from_pretrained
+    from bart_jax.data.tokenizer import load_tokenizer
+
+    config, params = from_pretrained(path, **config_overrides)
+    tokenizer_path = tokenizer_path or (path if os.path.isdir(path) else os.path.dirname(path))
+    try:
+        tokenizer = load_tokenizer(tokenizer_path)
+    except FileNotFoundError as e:
+        raise ValueError(f"{e}; pass --tokenizer") from e
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer at {tokenizer_path} has {tokenizer.vocab_size} ids but the model at {path} "
+                         f"only {config.vocab_size}: they do not belong together")
+    return config, params, tokenizer
+
+
+# ----------------------------------------------------------------------------- argument parsing
+def _early_stopping(text: str):
+    value = {"true": True, "false": False, "never": "never"}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true, false or never, got {text!r}")
+    return value
+
+
+def _token_or_none(text: str):
+    return None if text.lower() == "none" else int(text)
+
+
+_CONTROL_TYPES = {
+    "num_beams": int, "max_length": int, "max_new_tokens": int, "min_length": int, "min_new_tokens": int,
+    "length_penalty": float, "early_stopping": _early_stopping, "no_repeat_ngram_size": int,
+    "forced_bos_token_id": _token_or_none, "forced_eos_token_id": _token_or_none,
+    "decoder_start_token_id": int, "num_return_sequences": int, "temperature": float, "top_k": int,
+    "top_p": float,
+}
+_SENTINEL = object()  # "not given": None is a meaningful value for the forced token ids
+
+
+def _add_model_and_control_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="Hugging Face / fairseq / bart_jax checkpoint (directory or model.pt)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the checkpoint directory)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype override")
+    parser.add_argument("--preset", default="default",
+                        help="generation preset: a name in configs/generation (default, cnn_dm, xsum) or a YAML path")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-source-length", type=int, default=None,
+                        help="truncate documents to this many tokens (default: max_position_embeddings)")
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    parser.add_argument("--compilation-cache", default=None,
+                        help="directory for JAX's persistent compilation cache (reused across runs)")
+    group = parser.add_argument_group("generation controls (override the preset; Hugging Face meanings)")
+    for name in CONTROL_NAMES:
+        if name == "do_sample":
+            group.add_argument("--do-sample", action="store_true", default=_SENTINEL)
+        else:
+            group.add_argument("--" + name.replace("_", "-"), type=_CONTROL_TYPES[name], default=_SENTINEL)
+
+
+def _controls_from_args(args, config) -> dict:
+    controls = load_generation_preset(args.preset)
+    controls.update({n: getattr(args, n) for n in CONTROL_NAMES if getattr(args, n) is not _SENTINEL})
+    resolve_controls(config, **controls)  # fail before any compute on a bad combination
+    return controls
+
+
+def _setup(args):
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size={args.batch_size}: must be >= 1")
+    if args.compilation_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    overrides = {"dtype": args.dtype} if args.dtype else {}
+    config, params, tokenizer = load_model_for_inference(args.checkpoint, args.tokenizer, **overrides)
+    return config, params, tokenizer, _controls_from_args(args, config)
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def generate_texts(documents: Iterable[str], config, params, tokenizer, controls: dict, batch_size: int,
+                   max_source_length: int | None = None, seed: int = 0) -> Iterator[tuple[list[str], list[float]]]:
+    """Stream (summaries, scores) per document: fixed-shape padded batches, so compiled programs are reused."""
+    import jax
+
+    rng = jax.random.PRNGKey(seed)
+    for step, batch in enumerate(_batched(documents, batch_size)):
+        input_ids, mask, real = pad_batch(tokenizer.encode_batch(batch), config, batch_size, max_source_length)
+        out = generate(config, params, input_ids, mask, rng=jax.random.fold_in(rng, step), **controls)
+        sequences, scores = np.asarray(out.sequences[:real]), np.asarray(out.scores[:real])
+        for row_sequences, row_scores in zip(sequences, scores):
+            texts = tokenizer.decode_batch([strip_special(s, config) for s in row_sequences])
+            yield texts, [float(s) for s in row_scores]
+
+
+# ----------------------------------------------------------------------------- generate
+def _read_documents(path: str, field: str) -> Iterator[str]:
+    """Documents of a file (or '-' for stdin): one per line, or the `field` of each JSON line for .jsonl."""
+    jsonl = path.endswith(".jsonl")
+    with contextlib.ExitStack() as stack:
+        stream = sys.stdin if path == "-" else stack.enter_context(open(path, encoding="utf-8"))
+        for lineno, line in enumerate(stream, 1):
+            line = line.rstrip("\n")
+            if not jsonl:
+                yield line
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+            if not isinstance(record, dict) or field not in record:
+                raise ValueError(f"{path}:{lineno}: no field {field!r} (use --text-field)")
+            yield str(record[field])
+
+
+def _count_documents(path: str) -> int | None:
+    if path == "-":
+        return None
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if not path.endswith(".jsonl") or line.strip())
+
+
+def cli_generate(argv: Sequence[str]) -> int:
+    """`bart-jax generate --checkpoint DIR [--input FILE|-] [--output FILE|-] [--preset cnn_dm] [controls]`."""
+    from tqdm import tqdm
+
+    parser = argparse.ArgumentParser(prog="bart-jax generate", description=(
+        "Summarize / generate from documents (one per line, or JSON lines with --text-field), streamed in "
+        "fixed-shape batches. Output: one line per returned sequence, or JSON lines when --output ends in .jsonl."))
+    _add_model_and_control_args(parser)
+    parser.add_argument("--input", default="-", help="input file, '-' = stdin (default)")
+    parser.add_argument("--output", default="-", help="output file, '-' = stdout (default)")
+    parser.add_argument("--text-field", default="document", help="JSON field of .jsonl input documents")
+    args = parser.parse_args(list(argv))
+    try:
+        config, params, tokenizer, controls = _setup(args)
+        if args.input != "-" and not os.path.isfile(args.input):
+            raise ValueError(f"--input {args.input}: no such file")
+        total = _count_documents(args.input)
+    except (ValueError, OSError) as e:
+        print(f"bart-jax generate: {e}", file=sys.stderr)
+        return 2
+    jsonl = args.output.endswith(".jsonl")
+    start, count = time.perf_counter(), 0
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout if args.output == "-" else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+        documents = _read_documents(args.input, args.text_field)
+        results = generate_texts(documents, config, params, tokenizer, controls, args.batch_size,
+                                 args.max_source_length, args.seed)
+        try:
+            for texts, scores in tqdm(results, total=total, unit="doc", file=sys.stderr, desc="generate"):
+                if jsonl:
+                    out.write(json.dumps({"index": count, "summaries": texts, "scores": scores}) + "\n")
+                else:
+                    out.writelines(" ".join(t.split()) + "\n" for t in texts)
+                out.flush()
+                count += 1
+        except ValueError as e:
+            print(f"bart-jax generate: {e}", file=sys.stderr)
+            return 2
+    seconds = time.perf_counter() - start
+    print(f"generated {count} documents in {seconds:.1f}s", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- evaluate
+def read_pairs(data: str, split: str, limit: int | None = None) -> list[dict]:
+    """{'document', 'summary'} pairs: `data` is a prepared summarization_pairs dataset directory (read
+    split `split`) or a pairs file (.jsonl/.json/.tsv, optionally .gz)."""
+    from bart_jax.data.datasets import iter_pairs, load_prepared
+
+    if os.path.isdir(data):
+        source = load_prepared(data)[split]
+        n = len(source) if limit is None else min(limit, len(source))
+
+        def text(value):
+            return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+        return [{"document": text(source[i]["document"]), "summary": text(source[i]["summary"])} for i in range(n)]
+    if not os.path.isfile(data):
+        raise ValueError(f"--data {data}: no such dataset directory or pairs file")
+    return list(itertools.islice(iter_pairs(data), limit))
+
+
+def cli_evaluate(argv: Sequence[str]) -> int:
+    """`bart-jax evaluate --checkpoint DIR --data DATASET_DIR|FILE [--split validation] [--output-dir DIR]`."""
+    from tqdm import tqdm
+
+    from bart_jax.decode.rouge import rouge_scores
+
+    parser = argparse.ArgumentParser(prog="bart-jax evaluate", description=(
+        "ROUGE-1/2/L/Lsum (rouge-score, stemmed; Lsum over sentence-split text) of a checkpoint's summaries "
+        "on a summarization_pairs split; writes predictions.<split>.jsonl and rouge.<split>.json."))
+    _add_model_and_control_args(parser)
+    parser.add_argument("--data", required=True, help="prepared summarization_pairs dataset directory or pairs file")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
+    parser.add_argument("--output-dir", default=".", help="where predictions and metrics are written")
+    args = parser.parse_args(list(argv))
+    try:
+        config, params, tokenizer, controls = _setup(args)
+        pairs = read_pairs(args.data, args.split, args.limit)
+        if not pairs:
+            raise ValueError(f"--data {args.data} split {args.split!r} has no pairs")
+    except (ValueError, OSError, KeyError) as e:
+        print(f"bart-jax evaluate: {e}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    results = generate_texts((p["document"] for p in pairs), config, params, tokenizer, controls,
+                             args.batch_size, args.max_source_length, args.seed)
+    predictions = [texts[0] for texts, _ in tqdm(results, total=len(pairs), unit="doc", file=sys.stderr,
+                                                 desc="evaluate")]
+    seconds = time.perf_counter() - start
+    metrics = rouge_scores(predictions, [p["summary"] for p in pairs])
+    os.makedirs(args.output_dir, exist_ok=True)
+    predictions_path = os.path.join(args.output_dir, f"predictions.{args.split}.jsonl")
+    with open(predictions_path, "w", encoding="utf-8") as f:
+        for pair, prediction in zip(pairs, predictions):
+            f.write(json.dumps({"document": pair["document"], "reference": pair["summary"],
+                                "prediction": prediction}) + "\n")
+    report = {"checkpoint": args.checkpoint, "data": args.data, "split": args.split, "examples": len(pairs),
+              "controls": controls, "seconds": round(seconds, 2), **{k: round(v, 4) for k, v in metrics.items()}}
+    with open(os.path.join(args.output_dir, f"rouge.{args.split}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report))
+    return 0

@@ -1,0 +1,217 @@
+"""BART generation: `generate` (ids in, ids out, one jitted program) and `summarize` (texts in, texts out).
+
+The compiled program runs the encoder once, builds the decoder cache (cross-attention keys/values once per
+input, shared by its beams), then the whole search in one `lax.while_loop`. It is compiled once per
+(config, batch, source length, static controls); `length_penalty`, `min_length`, `temperature` and `top_p`
+are traced values, and `pad_batch` buckets inputs so a stream of documents reuses a few compiled programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bart_jax.config import BartConfig
+from bart_jax.decode.search import SearchControls, search
+
+# Cache leaves that follow a beam when beams are re-ranked; cross-attention K/V are shared per input.
+CACHE_BEAM_AXES = {"self_k": 1, "self_v": 1, "cross_k": None, "cross_v": None}
+
+# Hugging Face's default when neither max_length nor max_new_tokens is given: 20 new tokens.
+DEFAULT_MAX_NEW_TOKENS = 20
+
+CONTROL_NAMES = (
+    "num_beams", "max_length", "max_new_tokens", "min_length", "min_new_tokens", "length_penalty",
+    "early_stopping", "no_repeat_ngram_size", "forced_bos_token_id", "forced_eos_token_id",
+    "decoder_start_token_id", "num_return_sequences", "do_sample", "temperature", "top_k", "top_p",
+)
+
+GENERATION_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "generation"
+
+
+class GenerateOutput(NamedTuple):
+    """sequences: int32 [B, R, max_length], decoder start token first, pad after EOS;
+    scores: float32 [B, R]. Beam search: HF's `sequences_scores` (sum log-prob / generated_length **
+    length_penalty), best first. Greedy / sampling: summed log-probabilities of the generated tokens."""
+
+    sequences: jax.Array
+    scores: jax.Array
+
+
+def resolve_controls(config: BartConfig, **controls) -> SearchControls:
+    """Turn user controls (HF names and meanings) into validated `SearchControls`.
+
+    Defaults follow HF `generate` with a BART model config: greedy, max_length = 1 + 20 new tokens (capped
+    at max_position_embeddings), forced BOS/EOS and decoder start from `config`. `max_new_tokens` /
+    `min_new_tokens` take precedence over `max_length` / `min_length` and exclude the start token.
+    """
+    unknown = sorted(set(controls) - set(CONTROL_NAMES))
+    if unknown:
+        raise ValueError(f"unknown generation control(s) {unknown}; expected some of {list(CONTROL_NAMES)}")
+    c = {k: v for k, v in controls.items() if v is not None or k in ("forced_bos_token_id", "forced_eos_token_id")}
+    max_new, min_new = c.pop("max_new_tokens", None), c.pop("min_new_tokens", None)
+    if max_new is not None:
+        c["max_length"] = int(max_new) + 1
+    elif "max_length" not in c:
+        c["max_length"] = min(DEFAULT_MAX_NEW_TOKENS + 1, config.max_position_embeddings)
+    if min_new is not None:
+        c["min_length"] = int(min_new) + 1
+    if c["max_length"] > config.max_position_embeddings:
+        raise ValueError(f"generation control max_length={c['max_length']} exceeds the decoder's "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+    c.setdefault("forced_bos_token_id", config.forced_bos_token_id)
+    c.setdefault("forced_eos_token_id", config.forced_eos_token_id)
+    c.setdefault("decoder_start_token_id", config.decoder_start_token_id)
+    return SearchControls.create(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+                                 vocab_size=config.vocab_size, **c)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def generate_ids(config: BartConfig, params, input_ids, attention_mask, controls: SearchControls, rng):
+    """The compiled generation program (see `generate`); `controls` come from `resolve_controls`.
+
+    input_ids, attention_mask: int [B, S]; rng: PRNG key (used only when sampling).
+    Returns GenerateOutput(sequences int32 [B, R, max_length], scores float32 [B, R]).
+    """
+    from bart_jax.model import Bart
+
+    model = Bart(config)
+    variables = {"params": params}
+    encoder_hidden = model.apply(variables, input_ids, attention_mask, method="encode")
+    # Beams (or, when sampling, the R samples of one input) share that input's cross-attention K/V.
+    rows_per_input = controls.num_beams if controls.num_beams > 1 else controls.num_return_sequences
+    cache = model.apply(variables, encoder_hidden, attention_mask, rows_per_input, controls.max_length,
+                        method="init_cache")
+
+    def step_fn(token_ids, index, cache):
+        return model.apply(variables, token_ids, index, cache, attention_mask, method="decode_step")
+
+    sequences, scores = search(step_fn, cache, input_ids.shape[0], controls, CACHE_BEAM_AXES, rng)
+    return GenerateOutput(sequences, scores)
+
+
+def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=None, **controls) -> GenerateOutput:
+    """Generate with Hugging Face PyTorch `generate` semantics for BART, as one jitted program.
+
+    input_ids: int [B, S]; attention_mask: int [B, S] (1 = real token; default: input_ids != pad).
+    controls: num_beams, max_length | max_new_tokens, min_length | min_new_tokens, length_penalty,
+    early_stopping (True/False/"never"), no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id,
+    decoder_start_token_id, num_return_sequences, do_sample, temperature, top_k, top_p; rng: PRNG key for
+    sampling (default PRNGKey(0)). Returns GenerateOutput(sequences int32 [B, R, max_length] with the
+    decoder start token first and pad after EOS, scores float32 [B, R]).
+    """
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    if attention_mask is None:
+        attention_mask = (input_ids != config.pad_token_id).astype(jnp.int32)
+    attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise ValueError(f"input_ids length {input_ids.shape[1]} exceeds max_position_embeddings="
+                         f"{config.max_position_embeddings}; truncate the source")
+    resolved = resolve_controls(config, **controls)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    if resolved.num_beams == 1:
+        return generate_ids(config, params, input_ids, attention_mask, resolved, rng)
+    # Beam search keeps all num_beams hypotheses anyway; slicing here keeps R out of the compiled program.
+    out = generate_ids(config, params, input_ids, attention_mask,
+                       resolved.replace(num_return_sequences=resolved.num_beams), rng)
+    r = resolved.num_return_sequences
+    return GenerateOutput(out.sequences[:, :r], out.scores[:, :r])
+
+
+# ----------------------------------------------------------------------------- presets and bucketing
+def load_generation_preset(name_or_path: str) -> dict[str, Any]:
+    """Controls from a named preset in configs/generation (e.g. 'cnn_dm', 'xsum', 'default') or a YAML path."""
+    import yaml
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = GENERATION_CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in GENERATION_CONFIG_DIR.glob("*.yaml"))
+        raise ValueError(f"generation preset {name_or_path!r}: no file {path}; named presets: {names}")
+    with open(path) as f:
+        controls = yaml.safe_load(f) or {}
+    if not isinstance(controls, dict):
+        raise ValueError(f"{path}: expected a mapping of generation controls, got {type(controls).__name__}")
+    unknown = sorted(set(controls) - set(CONTROL_NAMES))
+    if unknown:
+        raise ValueError(f"{path}: unknown generation control(s) {unknown}; expected some of {list(CONTROL_NAMES)}")
+    return controls
+
+
+def bucket_length(length: int, max_length: int, smallest: int = 16) -> int:
+    """The padded source length for `length` tokens: the next power of two >= smallest, capped at max_length."""
+    bucket = smallest
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, max_length)
+
+
+def pad_batch(id_lists: Sequence[Sequence[int]], config: BartConfig, batch_size: int,
+              max_source_length: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pack token-id lists into a fixed-shape batch so every batch of a stream reuses a compiled program.
+
+    Rows longer than `max_source_length` (default max_position_embeddings) are truncated keeping their last
+    token (EOS); the length is bucketed (`bucket_length`); missing rows are filled with `<s></s>` dummies.
+    Returns (input_ids int32 [batch_size, S], attention_mask int32 [batch_size, S], number of real rows).
+    """
+    limit = min(max_source_length or config.max_position_embeddings, config.max_position_embeddings)
+    if not 0 < len(id_lists) <= batch_size:
+        raise ValueError(f"pad_batch got {len(id_lists)} rows for batch_size={batch_size}")
+    rows = []
+    for i, ids in enumerate(id_lists):
+        ids = list(ids)
+        if not ids:
+            raise ValueError(f"row {i} has no tokens")
+        if max(ids) >= config.vocab_size or min(ids) < 0:
+            raise ValueError(f"row {i} has token id {max(ids) if max(ids) >= config.vocab_size else min(ids)} "
+                             f"outside the model's vocabulary [0, {config.vocab_size})")
+        rows.append(ids if len(ids) <= limit else ids[:limit - 1] + ids[-1:])
+    length = bucket_length(max(len(r) for r in rows), limit)
+    input_ids = np.full((batch_size, length), config.pad_token_id, np.int32)
+    attention_mask = np.zeros((batch_size, length), np.int32)
+    for i in range(batch_size):
+        row = rows[i] if i < len(rows) else [config.bos_token_id, config.eos_token_id]
+        input_ids[i, :len(row)] = row
+        attention_mask[i, :len(row)] = 1
+    return input_ids, attention_mask, len(rows)
+
+
+def strip_special(sequence: Sequence[int], config: BartConfig) -> list[int]:
+    """Generated ids -> content ids: drop the start token, cut at the first EOS, drop pad/BOS."""
+    out = []
+    for token in list(sequence)[1:]:
+        if token == config.eos_token_id:
+            break
+        if token not in (config.pad_token_id, config.bos_token_id):
+            out.append(int(token))
+    return out
+
+
+def summarize(texts: Sequence[str], config: BartConfig, params, tokenizer, *, batch_size: int = 8,
+              max_source_length: int | None = None, rng=None, **controls) -> list[str]:
+    """Summaries of `texts` (one per text, the best sequence) with `generate` and a tokenizer object having
+    `encode_batch(texts) -> list[list[int]]` (ids incl. `<s>`/`</s>`) and `decode_batch(id_lists) -> list[str]`.
+
+    Batches are padded to fixed shapes (`pad_batch`), so a long list compiles at most once per length bucket.
+    """
+    summaries: list[str] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start:start + batch_size])
+        input_ids, attention_mask, real = pad_batch(tokenizer.encode_batch(chunk), config, batch_size,
+                                                    max_source_length)
+        out = generate(config, params, input_ids, attention_mask, rng=rng, **controls)
+        best = np.asarray(out.sequences[:real, 0])
+        summaries += tokenizer.decode_batch([strip_special(row, config) for row in best])
+    return summaries

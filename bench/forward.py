@@ -1,0 +1,104 @@
+"""Forward+backward throughput of the BART model (default: bart-base shape on this machine's CPU).
+
+Prints a table and writes JSON. Also measures a plain matmul on the same machine in the same run, so the
+achieved FLOP/s can be quoted as a fraction of what this machine's matmul reaches.
+
+    python bench/forward.py [--preset bart-base] [--batch 4] [--src 512] [--tgt 128] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bart_jax import Bart, init_params, preset
+from bart_jax.model import param_count
+
+
+def model_flops(cfg, batch, src, tgt) -> float:
+    """Matmul FLOPs of one forward+backward (3x forward), counting attention score/value matmuls."""
+    d = cfg.d_model
+    enc_layer = 2 * src * (4 * d * d + 2 * d * cfg.encoder_ffn_dim) + 2 * 2 * src * src * d
+    dec_layer = (2 * tgt * (4 * d * d + 2 * d * cfg.decoder_ffn_dim) + 2 * 2 * tgt * tgt * d
+                 + 2 * (2 * tgt * d * d + 2 * src * d * d) + 2 * 2 * tgt * src * d)
+    head = 2 * tgt * d * cfg.vocab_size
+    fwd = batch * (cfg.encoder_layers * enc_layer + cfg.decoder_layers * dec_layer + head)
+    return 3.0 * fwd
+
+
+def timed(fn, *args, repeats):
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_flops_per_s(dtype, n=2048, repeats=5) -> float:
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    return 2 * n ** 3 / timed(f, a, a, repeats=repeats)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="bart-base")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--src", type=int, default=512)
+    ap.add_argument("--tgt", type=int, default=128)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="bench/out/forward.json")
+    args = ap.parse_args(argv)
+
+    cfg = preset(args.preset, dtype=args.dtype, dropout=0.0)
+    params = init_params(cfg)
+    model = Bart(cfg)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(3, cfg.vocab_size, (args.batch, args.src)), jnp.int32)
+    dec = jnp.asarray(rng.integers(3, cfg.vocab_size, (args.batch, args.tgt)), jnp.int32)
+    mask, dmask = jnp.ones_like(ids), jnp.ones_like(dec)
+
+    def loss(p):
+        logits = model.apply({"params": p}, ids, mask, dec, dmask)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), dec[..., None], -1))
+
+    step = jax.jit(jax.value_and_grad(loss))
+    t0 = time.perf_counter()
+    compiled = step.lower(params).compile()
+    compile_s = time.perf_counter() - t0
+    step_s = timed(compiled, params, repeats=args.repeats)
+    flops = model_flops(cfg, args.batch, args.src, args.tgt)
+    peak = matmul_flops_per_s(jnp.float32 if args.dtype == "float32" else jnp.bfloat16)
+    tokens = args.batch * (args.src + args.tgt)
+    row = {
+        "preset": args.preset, "params": param_count(params), "dtype": args.dtype, "batch": args.batch,
+        "src_len": args.src, "tgt_len": args.tgt, "compile_s": round(compile_s, 2),
+        "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
+        "model_gflop_per_s": round(flops / step_s / 1e9, 2), "matmul_gflop_per_s": round(peak / 1e9, 2),
+        "fraction_of_matmul": round(flops / step_s / peak, 3),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {jax.devices()[0].platform}",
+        "jax": jax.__version__,
+    }
+    width = max(len(k) for k in row)
+    print("forward+backward benchmark")
+    for k, v in row.items():
+        print(f"  {k:<{width}}  {v}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(row, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
