@@ -1,0 +1,36 @@
+"""Training: denoising pretraining and fine-tuning sharing one sharded train step.
+
+    from bart_jax.train import load_config, pretrain, finetune
+    cfg = load_config("configs/tiny.yaml", ["pretrain.train.steps=100"])
+    result = pretrain(cfg)          # TrainResult: final_step, losses, eval_metrics, checkpoint_dir, model_dir, ...
+    result = finetune(cfg)          # starts from cfg.finetune.init_from (e.g. 'run:pretrain' or a HF dir)
+
+Modules: config (run config + YAML/overrides), optim (LAMB/AdamW, schedules, per-layer trust ratio),
+partitioning (mesh, logical-axis rules, shardings), state (TrainState), step (loss, train/eval steps),
+checkpoint (orbax), flops (MFU), loop (entry points and CLI). Names resolve lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "RunConfig": "bart_jax.train.config",
+    "load_config": "bart_jax.train.config",
+    "apply_overrides": "bart_jax.train.config",
+    "pretrain": "bart_jax.train.loop",
+    "finetune": "bart_jax.train.loop",
+    "run_stage": "bart_jax.train.loop",
+    "TrainResult": "bart_jax.train.loop",
+    "TrainingDiverged": "bart_jax.train.loop",
+    "TrainState": "bart_jax.train.state",
+    "Checkpointer": "bart_jax.train.checkpoint",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bart_jax.train' has no attribute {name!r}")

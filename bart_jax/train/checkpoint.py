@@ -1,0 +1,176 @@
+"""Training checkpoints on orbax-checkpoint: asynchronous, atomic, last-N + best-by-validation.
+
+Layout of a run's checkpoint directory (one numbered directory per saved step)::
+
+    <run_dir>/checkpoints/<step>/state/    TrainState as a dict: step, updates, params, opt_state, rng,
+                                           nonfinite_streak, nonfinite_total (sharded arrays)
+    <run_dir>/checkpoints/<step>/data/     JSON: {"process_states": [<iterator state of process i>, ...]}
+    <run_dir>/checkpoints/<step>/config/   JSON: {"run": RunConfig.to_dict(), "stage": "pretrain"|"finetune",
+                                           "model_config": BartConfig.to_dict()} (what the loop stores)
+    <run_dir>/checkpoints/<step>/metrics/  JSON: validation metrics when the step had them (orbax's)
+
+Atomicity is orbax's: a step is written under `<step>.orbax-checkpoint-tmp-*` and renamed when
+complete, so a crash mid-save leaves only a temporary directory that `latest_step()` and restore ignore
+(and that the next manager cleans up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+from bart_jax.train.config import CheckpointConfig
+from bart_jax.train.state import TrainState
+
+STATE, DATA, CONFIG = "state", "data", "config"
+
+
+def _state_dict(state: TrainState) -> dict[str, Any]:
+    return {"step": state.step, "updates": state.updates, "params": state.params, "opt_state": state.opt_state,
+            "rng": state.rng, "nonfinite_streak": state.nonfinite_streak, "nonfinite_total": state.nonfinite_total}
+
+
+def _abstract(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings, so orbax restores straight onto the (new) mesh."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def gather_process_states(local_state: Any) -> list[Any]:
+    """Every process's JSON-serialisable data-iterator state, in process order (identical on all processes)."""
+    if jax.process_count() == 1:
+        return [local_state]
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(local_state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([blob.size], np.int32))
+    padded = np.zeros(int(np.max(lengths)), np.uint8)
+    padded[: blob.size] = blob
+    blobs = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(b[: int(n)]).decode()) for b, n in zip(np.asarray(blobs), np.asarray(lengths).ravel())]
+
+
+class Checkpointer:
+    """An orbax CheckpointManager for one run: keeps the last `keep` steps plus the best `keep_best` by
+    `best_metric`; saves asynchronously (call `wait()` before reading what was saved, and `close()`)."""
+
+    def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig = CheckpointConfig(), *,
+                 read_only: bool = False):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.cfg = cfg
+        metric, sign = cfg.best_metric, (1.0 if cfg.best_mode == "max" else -1.0)
+        policies = [ocm.LatestN(n=cfg.keep)]
+        if cfg.keep_best > 0:
+            policies.append(ocm.BestN(get_metric_fn=lambda m: sign * float(m[metric]), n=cfg.keep_best,
+                                      keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            best_fn=lambda m: float(m[metric]), best_mode=cfg.best_mode,
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=cfg.async_save, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, CONFIG))
+
+    # ------------------------------------------------------------------ queries
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """Best step by the validation metric among kept steps with metrics; else the latest step."""
+        with_metrics = [s for s in self.manager.all_steps() if self._metrics(s) is not None]
+        return self.manager.best_step() if with_metrics else self.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def _metrics(self, step: int):
+        for info in self.manager._checkpoints:  # orbax keeps per-step metrics here; no public getter
+            if info.step == step:
+                return info.metrics
+        return None
+
+    # ------------------------------------------------------------------ save / restore
+    def save(self, state: TrainState, *, config: dict, data_states: list | None = None,
+             metrics: dict | None = None) -> bool:
+        """Start saving `state` at its step (asynchronously). Device arrays are copied before this
+        returns, so the caller may donate `state` to the next train step right away."""
+        step = int(jax.device_get(state.step))
+        jax.block_until_ready(state)
+        args = ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(_state_dict(state)),
+            DATA: ocp.args.JsonSave({"process_states": data_states}),
+            CONFIG: ocp.args.JsonSave(config),
+        })
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        return self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def restore(self, step: int, abstract_state: TrainState, shardings: TrainState):
+        """(TrainState on `shardings`' mesh, per-process data states or None, config dict) of `step`.
+
+        abstract_state: ShapeDtypeStruct TrainState of the *current* model/optimizer (the mesh may differ
+        from the one that saved it)."""
+        target = _abstract(_state_dict(abstract_state), _state_dict(shardings))
+        out = self.manager.restore(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardRestore(target),
+            DATA: ocp.args.JsonRestore(),
+            CONFIG: ocp.args.JsonRestore(),
+        }))
+        s = out[STATE]
+        state = TrainState(**s)
+        return state, (out[DATA] or {}).get("process_states"), out[CONFIG]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ---------------------------------------------------------------------- reading other runs' checkpoints
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a Checkpointer directory (holding numbered steps) or one step directory inside it."""
+    path = os.fspath(path)
+    if os.path.isdir(os.path.join(path, STATE)):
+        return True
+    return os.path.isdir(path) and any(n.isdigit() and os.path.isdir(os.path.join(path, n, STATE))
+                                       for n in os.listdir(path))
+
+
+def _resolve_step_dir(path: str) -> str:
+    """A step directory: `path` itself, or the best (else latest) step of a checkpoint directory."""
+    if os.path.isdir(os.path.join(path, STATE)):
+        return path
+    ckpt = Checkpointer(path, read_only=True)
+    try:
+        step = ckpt.best_step()
+    finally:
+        ckpt.close()
+    if step is None:
+        raise ValueError(f"{path}: no complete checkpoint in this directory")
+    return os.path.join(path, str(step))
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> dict:
+    """The RunConfig dict stored with a checkpoint (a checkpoint directory or one step in it)."""
+    step_dir = _resolve_step_dir(os.path.abspath(os.fspath(path)))
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        return ckptr.restore(os.path.join(step_dir, CONFIG))
+
+
+def restore_params(path: str | os.PathLike, abstract_params, param_shardings):
+    """Only the parameters of a training checkpoint (directory -> its best or latest step), placed on
+    `param_shardings` — e.g. to fine-tune from a pretraining run whose optimizer differed."""
+    step_dir = _resolve_step_dir(os.path.abspath(os.fspath(path)))
+    target = {"params": _abstract(abstract_params, param_shardings)}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(
+            os.path.join(step_dir, STATE),
+            args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
+    return restored["params"]

@@ -1,0 +1,539 @@
+"""The training loops: `pretrain(cfg)` (denoising) and `finetune(cfg)` (document -> summary), one shared
+train step, and their command lines `bart-jax pretrain|finetune --config FILE [key=value ...]`.
+
+A run lives in `<workdir>/<run_name>/`: `checkpoints/` (orbax, see bart_jax.train.checkpoint), `tb/`
+(TensorBoard events) and, when training completes, `model/` (final parameters as a bart_jax model
+directory, `bart_jax.from_pretrained`-loadable, plus the tokenizer). Re-running the same command resumes
+from the latest checkpoint: parameters, optimizer, step, PRNG and data-iterator position, so the losses
+continue exactly as if the run had not stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bart_jax.config import BartConfig
+from bart_jax.train import checkpoint as ckpt_lib
+from bart_jax.train import flops as flops_lib
+from bart_jax.train import optim, partitioning
+from bart_jax.train.config import RunConfig, load_config
+from bart_jax.train.state import abstract_params, create_train_state, state_shardings
+from bart_jax.train.step import (compile_eval_step, compile_train_step, identity_batch, make_eval_step,
+                                 make_train_step, summarize_eval)
+
+# BartConfig fields that do not change parameter shapes: a run may set them freely when it starts from a
+# checkpoint whose architecture it inherits.
+ARCH_NEUTRAL_FIELDS = frozenset({
+    "dropout", "attention_dropout", "activation_dropout", "dtype", "param_dtype", "remat_policy", "scan_layers",
+    "attention_implementation", "forced_bos_token_id", "forced_eos_token_id"})
+EVAL_NOISE_SEED_OFFSET = 7919  # eval batches are noised by a fixed stream, distinct from training's
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when `max_nonfinite` consecutive steps had a NaN/inf loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished (or stopped) run returns.
+
+    final_step: steps done (== checkpointed step when completed). losses: training loss of every step
+    this invocation ran, in order (host floats). eval_metrics: the last validation metrics (or {}).
+    run_dir / checkpoint_dir / model_dir (None unless the run completed) / tokenizer_dir: where things are.
+    best_step: best kept checkpoint by validation metric (else latest). resumed_from: step restored at
+    start (None: fresh). model_config: the BartConfig trained.
+    """
+
+    stage: str
+    final_step: int
+    losses: list[float]
+    eval_metrics: dict[str, float]
+    run_dir: str
+    checkpoint_dir: str
+    model_dir: str | None
+    tokenizer_dir: str
+    best_step: int | None
+    resumed_from: int | None
+    nonfinite_total: int
+    model_config: BartConfig
+
+
+# ------------------------------------------------------------------------------------------ entry points
+def pretrain(cfg: RunConfig, *, stop_at_step: int | None = None) -> TrainResult:
+    """Denoising pretraining: clean {'tokens'} batches are noised on device inside the train step.
+
+    stop_at_step: return once the global step reaches this value without writing a final checkpoint
+    (what a preempted job leaves behind); rerunning resumes from the last checkpoint.
+    """
+    return run_stage(cfg, "pretrain", stop_at_step=stop_at_step)
+
+
+def finetune(cfg: RunConfig, *, stop_at_step: int | None = None) -> TrainResult:
+    """Fine-tuning on document -> summary pairs, initialised from `cfg.finetune.init_from`."""
+    return run_stage(cfg, "finetune", stop_at_step=stop_at_step)
+
+
+def cli_pretrain(argv: list[str]) -> int:
+    return _cli("pretrain", argv)
+
+
+def cli_finetune(argv: list[str]) -> int:
+    return _cli("finetune", argv)
+
+
+def _cli(stage: str, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"bart-jax {stage}",
+        description=f"{stage} BART. Overrides are dotted keys of the run config, e.g. {stage}.train.steps=100 "
+                    "model.dtype=bfloat16 mesh.fsdp=4.")
+    parser.add_argument("--config", help="run config YAML (configs/tiny.yaml, base.yaml, large.yaml)")
+    parser.add_argument("--variant", help="named bundle of overrides from the config's `variants` section")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, args.variant)
+    except ValueError as e:
+        print(f"bart-jax {stage}: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = run_stage(cfg, stage)
+    except TrainingDiverged as e:
+        print(f"bart-jax {stage}: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:
+        print(f"bart-jax {stage}: error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        print(json.dumps({"stage": stage, "final_step": result.final_step,
+                          "last_loss": result.losses[-1] if result.losses else None,
+                          "eval": result.eval_metrics, "checkpoints": result.checkpoint_dir,
+                          "best_step": result.best_step, "model_dir": result.model_dir}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ set-up pieces
+def initialize_distributed(cfg: RunConfig) -> None:
+    """jax.distributed.initialize once per process when `distributed.enabled` (one process per host)."""
+    d = cfg.distributed
+    if d.enabled and not jax.distributed.is_initialized():
+        jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                                   process_id=d.process_id)
+
+
+def load_or_train_tokenizer(cfg: RunConfig):
+    """`data.tokenizer` if set; else the tokenizer in `<workdir>/tokenizer`, trained there on the
+    pretraining corpus's train split the first time."""
+    from bart_jax.data import load_tokenizer, train_tokenizer
+
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer
+    directory = os.path.join(cfg.workdir, "tokenizer")
+    try:
+        return load_tokenizer(directory), directory
+    except FileNotFoundError:
+        pass
+    if jax.process_count() > 1:
+        raise ValueError("multi-host runs need data.tokenizer (a tokenizer trained beforehand); training one "
+                         "in every process would race on the shared workdir")
+    return train_tokenizer(_tokenizer_texts(cfg), cfg.data.tokenizer_vocab_size, directory,
+                           seed=cfg.data.shuffle_seed), directory
+
+
+def _tokenizer_texts(cfg: RunConfig):
+    if cfg.data.pretrain_source == "builtin":
+        from bart_jax.data import builtin_documents
+
+        return builtin_documents()["train"]
+    source = prepared_dataset(cfg, "pretrain")[cfg.data.train_split]
+    return (_text(source[i]["text"]) for i in range(len(source)))
+
+
+def _text(value) -> str:
+    return bytes(value).decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def prepared_dataset(cfg: RunConfig, stage: str):
+    """The prepared dataset (split -> random-access source) of a stage's data source."""
+    from bart_jax.data import load_prepared, prepare_builtin
+
+    source = cfg.data.pretrain_source if stage == "pretrain" else cfg.data.finetune_source
+    if source == "builtin":
+        return prepare_builtin(os.path.join(cfg.workdir, "data"), "documents" if stage == "pretrain" else "pairs")
+    if not os.path.isdir(source):
+        raise ValueError(f"data.{stage}_source={source!r}: not 'builtin' nor a prepared dataset directory "
+                         "(build one with `bart-jax data text|pairs`)")
+    return load_prepared(source)
+
+
+def _merge_model_config(base: BartConfig, cfg: RunConfig, where: str) -> BartConfig:
+    """The checkpoint's architecture with this run's architecture-neutral `model.*` overrides applied."""
+    overrides = dict(cfg.model.overrides)
+    for k, v in overrides.items():
+        if k not in ARCH_NEUTRAL_FIELDS and getattr(base, k) != v:
+            raise ValueError(f"model.{k}={v!r} conflicts with {where} ({k}={getattr(base, k)!r}); the "
+                             "architecture comes from the checkpoint")
+    return base.replace(**{k: v for k, v in overrides.items() if k in ARCH_NEUTRAL_FIELDS})
+
+
+def resolve_init_from(cfg: RunConfig, init_from: str) -> str:
+    """'run:NAME' -> `<workdir>/NAME/checkpoints`; a path as given."""
+    if init_from.startswith("run:"):
+        return os.path.join(cfg.workdir, init_from[4:], "checkpoints")
+    return init_from
+
+
+def model_config_and_init(cfg: RunConfig, stage: str):
+    """(BartConfig, init) where init(abstract_params, param_shardings) -> initial params or None (random)."""
+    init_from = cfg.stage(stage).init_from
+    if not init_from:
+        return cfg.model.bart_config(), lambda abstract, shardings: None
+    path = resolve_init_from(cfg, init_from)
+    if ckpt_lib.is_training_checkpoint(path):
+        stored = _stored_model_config(ckpt_lib.read_checkpoint_config(path), path)
+        model_config = _merge_model_config(stored, cfg, f"the checkpoint at {path}")
+        return model_config, lambda abstract, shardings: ckpt_lib.restore_params(path, abstract, shardings)
+    if not os.path.exists(path):
+        raise ValueError(f"{stage}.init_from={init_from!r}: {path} does not exist")
+    from bart_jax.convert import from_pretrained
+
+    base, _ = _load_pretrained_config(path)
+    model_config = _merge_model_config(base, cfg, f"the pretrained model at {path}")
+
+    def init(abstract, shardings):
+        _, params = from_pretrained(path, **{k: getattr(model_config, k) for k in ARCH_NEUTRAL_FIELDS})
+        return params
+
+    return model_config, init
+
+
+def _load_pretrained_config(path: str):
+    from bart_jax import convert
+
+    kind = convert.detect_format(path)
+    if kind == "hf":
+        return BartConfig.from_hf_config(path), kind
+    config, _ = convert.from_pretrained(path)  # bart_jax / fairseq: the config comes with the weights
+    return config, kind
+
+
+def _vocab_check(model_config: BartConfig, tok) -> None:
+    if tok.vocab_size > model_config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size is "
+                         f"{model_config.vocab_size}; set model.vocab_size={tok.vocab_size}")
+
+
+# ------------------------------------------------------------------------------------------ data
+def _train_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, split: str, *, shuffle: bool,
+                   num_epochs=None):
+    from bart_jax.data import finetune_batches, pretrain_batches
+
+    t = cfg.stage(stage).train
+    if stage == "pretrain":
+        return pretrain_batches(dataset[split], tok, seq_len=t.source_length, batch_size=local_batch,
+                                seed=cfg.data.shuffle_seed, shuffle=shuffle, num_epochs=num_epochs,
+                                num_workers=cfg.data.num_workers)
+    # Bucketed shapes differ between processes, and a global batch needs the same local shape everywhere.
+    return finetune_batches(dataset[split], tok, max_source_len=t.source_length, max_target_len=t.target_length,
+                            batch_size=local_batch, seed=cfg.data.shuffle_seed, shuffle=shuffle,
+                            num_epochs=num_epochs, bucket=jax.process_count() == 1,
+                            num_workers=cfg.data.num_workers)
+
+
+def _noise_batch_fns(cfg: RunConfig, tok):
+    """(train batch_fn, eval batch_fn) that noise {'tokens'} on device with keys from (seed, index)."""
+    from bart_jax import noise
+
+    overrides = dict(cfg.noise.overrides)
+    derived = dict(sentence_end_ids=tuple(tok.sentence_end_ids()), mask_id=tok.mask_id, pad_id=tok.pad_id,
+                   bos_id=tok.bos_id, eos_id=tok.eos_id)
+    noise_cfg = noise.noise_preset(cfg.noise.preset, **{**derived, **overrides})
+    word_starts = jnp.asarray(tok.word_start_table())
+    seed = cfg.pretrain.train.seed
+
+    def train_fn(batch, step):
+        return noise.denoising_batch(noise.noise_key(seed, step), batch["tokens"], word_starts, noise_cfg)
+
+    def eval_fn(batch, index):
+        return noise.denoising_batch(noise.noise_key(seed + EVAL_NOISE_SEED_OFFSET, index), batch["tokens"],
+                                     word_starts, noise_cfg)
+
+    return train_fn, eval_fn
+
+
+# ------------------------------------------------------------------------------------------ the loop
+class _Meter:
+    """Throughput (source + target positions, padding included) and MFU since the last report."""
+
+    def __init__(self, model_config: BartConfig, peak: float):
+        self.model_config, self.peak = model_config, peak
+        self.t0, self.tokens, self.flops = time.perf_counter(), 0, 0.0
+
+    def tick(self, batch: int, source_length: int, target_length: int):
+        self.tokens += batch * (source_length + target_length)
+        self.flops += flops_lib.train_step_flops(self.model_config, batch, source_length, target_length)
+
+    def read(self) -> dict[str, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        out = {"tokens_per_s": self.tokens / dt, "mfu": self.flops / dt / self.peak if self.peak > 0 else 0.0}
+        self.t0, self.tokens, self.flops = time.perf_counter(), 0, 0.0
+        return out
+
+
+def _peak_flops(model_config: BartConfig, t) -> float:
+    per_device = t.peak_flops_per_device
+    if per_device is None:
+        per_device = flops_lib.measure_matmul_flops(model_config.compute_dtype, size=512, seconds=0.2)
+    return per_device * jax.device_count()
+
+
+def _writer(run_dir: str):
+    if jax.process_index() != 0:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(os.path.join(run_dir, "tb"))
+
+
+def _global_shape(local: dict, stage: str) -> tuple[int, int, int]:
+    """(global batch rows, source length, target length) of a local batch."""
+    rows = next(iter(local.values())).shape[0] * jax.process_count()
+    if stage == "pretrain":
+        length = local["tokens"].shape[1]
+        return rows, length, length
+    return rows, local["input_ids"].shape[1], local["labels"].shape[1]
+
+
+def _host_metrics(metrics) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _gather_params(params):
+    """Parameters as host numpy arrays on every process (for exporting the model)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(params))
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+
+
+def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) -> TrainResult:
+    """Train `stage` ('pretrain' | 'finetune') as configured, resuming from the run's latest checkpoint."""
+    initialize_distributed(cfg)
+    sc = cfg.stage(stage)
+    t = sc.train
+    run_dir = os.path.abspath(cfg.run_dir(stage))
+    checkpoint_dir = os.path.join(run_dir, "checkpoints")
+    main_process = jax.process_index() == 0
+
+    tok, tokenizer_dir = load_or_train_tokenizer(cfg)
+    mesh = partitioning.make_mesh(cfg.mesh)
+    partitioning.check_batch_divisible(t.batch_size, t.micro_batches, mesh, f"{stage}.train.batch_size")
+    if t.batch_size % jax.process_count():
+        raise ValueError(f"{stage}.train.batch_size={t.batch_size} must divide evenly over "
+                         f"{jax.process_count()} processes")
+    local_batch = t.batch_size // jax.process_count()
+
+    ckpt = ckpt_lib.Checkpointer(checkpoint_dir, cfg.checkpoint)
+    latest = ckpt.latest_step()
+    if latest is not None:  # resuming: the architecture is the one this run started with
+        where = os.path.join(checkpoint_dir, str(latest))
+        stored = _stored_model_config(ckpt_lib.read_checkpoint_config(where), where)
+        model_config = _merge_model_config(stored, cfg, where)
+        init = None
+    else:
+        model_config, init = model_config_and_init(cfg, stage)
+    _vocab_check(model_config, tok)
+    for field in ("source_length", "target_length"):
+        if getattr(t, field) > model_config.max_position_embeddings:
+            raise ValueError(f"{stage}.train.{field}={getattr(t, field)} exceeds the model's "
+                             f"max_position_embeddings={model_config.max_position_embeddings}")
+
+    from bart_jax.model import param_logical_axes
+
+    logical = param_logical_axes(model_config)
+    params_shape = abstract_params(model_config)
+    optimizer, schedule = optim.make_optimizer(sc.optimizer, sc.schedule, t.steps, params_shape, logical)
+    shardings, abstract_state = state_shardings(model_config, optimizer, mesh)
+
+    data_states = None
+    if latest is not None:
+        state, data_states, _ = ckpt.restore(latest, abstract_state, shardings)
+    else:
+        params = init(params_shape, shardings.params)
+        state, _ = create_train_state(model_config, optimizer, mesh, t.seed, params=params)
+
+    dataset = prepared_dataset(cfg, stage)
+    train_it = _train_batches(cfg, stage, tok, dataset, local_batch, cfg.data.train_split, shuffle=True)
+    if data_states:
+        train_it.set_state(data_states[jax.process_index()])
+
+    if stage == "pretrain":
+        train_batch_fn, eval_batch_fn = _noise_batch_fns(cfg, tok)
+    else:
+        train_batch_fn = eval_batch_fn = identity_batch
+    train_step = compile_train_step(
+        make_train_step(model_config, optimizer, schedule, micro_batches=t.micro_batches,
+                        label_smoothing=t.label_smoothing, batch_fn=train_batch_fn, grad_shardings=shardings.params),
+        shardings, mesh)
+    eval_step = compile_eval_step(
+        make_eval_step(model_config, label_smoothing=t.label_smoothing, batch_fn=eval_batch_fn),
+        shardings.params, mesh)
+    batch_sharding = partitioning.batch_sharding(mesh)
+
+    def evaluate(params) -> dict[str, float]:
+        from bart_jax.data import to_global_batch
+
+        it = _train_batches(cfg, stage, tok, dataset, local_batch, cfg.data.eval_split, shuffle=False,
+                            num_epochs=None if stage == "pretrain" else 1)
+        sums = None
+        for i in range(t.eval_batches):
+            try:
+                local = next(it)
+            except StopIteration:
+                break
+            local = {k: v for k, v in local.items() if k != "example_id"}
+            out = eval_step(params, to_global_batch(local, batch_sharding), jnp.int32(i))
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        metrics = summarize_eval(jax.device_get(sums)) if sums is not None else {}
+        if stage == "finetune" and t.eval_rouge_examples > 0:
+            metrics.update(validation_rouge(params))
+        return metrics
+
+    def validation_rouge(params) -> dict[str, float]:
+        """Greedy summaries of the first `eval_rouge_examples` validation documents, scored with ROUGE."""
+        if jax.process_count() > 1:
+            return {}  # decoding here would need every process's params on one host
+        from bart_jax.decode.generate import summarize
+        from bart_jax.decode.rouge import rouge_scores
+
+        source = dataset[cfg.data.eval_split]
+        pairs = [source[i] for i in range(min(len(source), t.eval_rouge_examples))]
+        if not pairs:
+            return {}
+        predictions = summarize([_text(p["document"]) for p in pairs], model_config, params, tok,
+                                batch_size=min(len(pairs), 8), max_source_length=t.source_length,
+                                num_beams=1, max_length=t.target_length)
+        scores = rouge_scores(predictions, [_text(p["summary"]) for p in pairs])
+        return {f"eval_{k}": v for k, v in scores.items()}
+
+    config_dict = {"run": cfg.to_dict(), "stage": stage, "model_config": model_config.to_dict()}
+    start = int(jax.device_get(state.step))
+    resumed_from = latest
+    meter = _Meter(model_config, _peak_flops(model_config, t))
+    writer = _writer(run_dir)
+    bar = None
+    if main_process and t.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start, desc=stage, dynamic_ncols=True)
+
+    losses: list[float] = []
+    eval_metrics: dict[str, float] = {}
+    end = t.steps if stop_at_step is None else min(t.steps, stop_at_step)
+    pending = None  # (step number, device metrics, shape): read one step late to keep dispatch async
+
+    def settle(item):
+        """Bring a finished step's metrics to the host: record, log, and stop on repeated NaN/inf."""
+        step_no, metrics, shape = item
+        m = _host_metrics(metrics)
+        losses.append(m["loss"])
+        meter.tick(*shape)
+        if m["nonfinite_streak"] >= t.max_nonfinite:
+            ckpt.wait()
+            raise TrainingDiverged(
+                f"{stage}: {int(m['nonfinite_streak'])} consecutive steps with a non-finite loss or gradient "
+                f"(up to step {step_no}; {int(m['nonfinite_total'])} skipped in all). Stopped; the last good "
+                f"checkpoint is step {ckpt.latest_step()} in {checkpoint_dir}.")
+        if bar is not None:
+            bar.update(1)
+        if step_no % t.log_every == 0 or step_no == end:
+            speed = meter.read()
+            if bar is not None:
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}",
+                                tok_s=f"{speed['tokens_per_s']:.0f}", mfu=f"{100 * speed['mfu']:.1f}%")
+            if writer is not None:
+                for k in ("loss", "nll", "accuracy", "grad_norm", "learning_rate"):
+                    writer.add_scalar(f"train/{k}", m[k], step_no)
+                writer.add_scalar("train/tokens_per_s", speed["tokens_per_s"], step_no)
+                writer.add_scalar("train/mfu", speed["mfu"], step_no)
+                writer.add_scalar("train/skipped_total", m["nonfinite_total"], step_no)
+            if bar is None and main_process:
+                print(f"{stage} step {step_no}: loss {m['loss']:.4f} lr {m['learning_rate']:.3e} "
+                      f"tok/s {speed['tokens_per_s']:.0f} mfu {100 * speed['mfu']:.1f}%", flush=True)
+        return m
+
+    completed = False
+    try:
+        from bart_jax.data import to_global_batch
+
+        for step in range(start, end):
+            local = next(train_it)
+            local = {k: v for k, v in local.items() if k != "example_id"}
+            data_state = train_it.get_state()  # position after this batch: what a resume at step+1 needs
+            state, metrics = train_step(state, to_global_batch(local, batch_sharding))
+            if pending is not None:
+                settle(pending)
+            pending = (step + 1, metrics, _global_shape(local, stage))
+            step_no = step + 1
+            do_eval = t.eval_every > 0 and (step_no % t.eval_every == 0 or step_no == t.steps)
+            do_save = step_no % t.checkpoint_every == 0 or step_no == t.steps
+            if do_eval or do_save:
+                m = settle(pending)
+                pending = None
+                if do_eval:
+                    eval_metrics = evaluate(state.params)
+                    if writer is not None:
+                        for k, v in eval_metrics.items():
+                            writer.add_scalar(f"eval/{k.removeprefix('eval_')}", v, step_no)
+                    if bar is not None:
+                        bar.write(f"{stage} step {step_no}: " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                if do_save and m["nonfinite_streak"] == 0:  # never checkpoint in the middle of a NaN streak
+                    # Only steps validated on the ranking metric compete for "best".
+                    ranked = do_eval and cfg.checkpoint.best_metric in eval_metrics
+                    ckpt.save(state, config=config_dict, data_states=ckpt_lib.gather_process_states(data_state),
+                              metrics=eval_metrics if ranked else None)
+        if pending is not None:
+            settle(pending)
+        completed = True
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        ckpt.wait()
+        if not completed:
+            ckpt.close()
+
+    final_step = int(jax.device_get(state.step))
+    model_dir = None
+    if final_step >= t.steps:
+        model_dir = os.path.join(run_dir, "model")
+        params_host = _gather_params(state.params)
+        if main_process:
+            from bart_jax.convert import save_model
+
+            save_model(model_dir, model_config, params_host)
+            tok.save(model_dir)
+    best = ckpt.best_step()
+    ckpt.close()
+    return TrainResult(stage=stage, final_step=final_step, losses=losses, eval_metrics=eval_metrics,
+                       run_dir=run_dir, checkpoint_dir=checkpoint_dir, model_dir=model_dir,
+                       tokenizer_dir=tokenizer_dir, best_step=best, resumed_from=resumed_from,
+                       nonfinite_total=int(jax.device_get(state.nonfinite_total)), model_config=model_config)
+
+
+def _stored_model_config(stored: dict, where: str) -> BartConfig:
+    """The BartConfig a checkpoint was trained with (stored beside it by `run_stage`)."""
+    if not isinstance(stored, dict) or "model_config" not in stored:
+        raise ValueError(f"{where}: the checkpoint's stored config has no model_config; not a bart_jax "
+                         "training checkpoint")
+    return BartConfig.from_dict(stored["model_config"])

@@ -1,0 +1,141 @@
+"""Device mesh, logical-axis rules and the shardings of parameters, optimizer state and batches.
+
+Mesh axes are ('data', 'fsdp', 'tensor'). Parameters are sharded over 'fsdp' on their 'embed'
+dimension and over 'tensor' on 'heads', 'mlp' and 'vocab'; the batch is split over data x fsdp.
+Activation names (act_*) have rules of their own so the parameter rule for 'embed' never shards
+activations' feature dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import flax.linen as nn
+
+from bart_jax.train.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (logical name, mesh axes), in priority order (flax semantics: first free match wins).
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("kv", None),
+    ("layers", None),
+    ("norm", None),
+    ("positions", None),
+    # activations
+    ("act_batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes with a -1 filled in; raises if they do not multiply to `num_devices`."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {sizes}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} devices) do not "
+                             f"divide the {num_devices} available devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
+                         f"{num_devices} are available; use -1 on one axis to fill")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices of all processes).
+
+    Axis types are Auto (jax 0.10's make_mesh default is Explicit): sharding inside the step is driven by
+    the logical constraints and the jit in/out shardings.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(cfg, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if len(devices) == jax.device_count():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def _fits(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drop the mesh axes of any dimension that they do not divide evenly (that dimension is replicated)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if names and dim % size == 0 else None)
+    return P(*out)
+
+
+def logical_to_shardings(logical_axes, shapes, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """NamedSharding tree from a tree of logical PartitionSpecs and a matching tree of shapes
+    (arrays or ShapeDtypeStructs). A dimension not divisible by its mesh axes is replicated instead."""
+    mesh_specs = nn.logical_to_mesh(logical_axes, rules)
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, _fits(spec, x.shape, mesh)),
+        mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of any [B, ...] batch array: rows split over data x fsdp."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def follow_param_shardings(tree, param_shardings, param_shapes, mesh: Mesh):
+    """Shardings for a tree that embeds copies of the parameter tree (optimizer state: Adam's mu/nu, ...).
+
+    A leaf whose trailing dict-key path and shape match a parameter gets that parameter's sharding; all
+    other leaves (step counts, scalars) are replicated.
+    """
+    by_path = {}
+    for (path, s), x in zip(jax.tree_util.tree_leaves_with_path(param_shardings),
+                            jax.tree_util.tree_leaves(param_shapes)):
+        by_path[_path_names(path)] = (s, tuple(x.shape))
+
+    def pick(path, leaf):
+        names = _path_names(path)
+        for start in range(len(names)):
+            hit = by_path.get(names[start:])
+            if hit is not None and hit[1] == tuple(getattr(leaf, "shape", ())):
+                return hit[0]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def check_batch_divisible(batch_size: int, micro_batches: int, mesh: Mesh, what: str = "train.batch_size"):
+    shards = batch_shards(mesh)
+    if batch_size % (micro_batches * shards):
+        raise ValueError(
+            f"{what}={batch_size} must be divisible by micro_batches ({micro_batches}) x the batch shards of "
+            f"the mesh (data x fsdp = {shards}) = {micro_batches * shards}")

@@ -1,0 +1,246 @@
+"""Loss, the train step (gradient accumulation, non-finite guard) and the eval step, shared by
+pretraining and fine-tuning, and their sharded jit compilation."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from bart_jax.config import BartConfig
+from bart_jax.train import partitioning
+from bart_jax.train.state import TrainState
+
+# batch_fn(raw_batch, index) -> model batch. `index` is an int32 scalar (the train step, or the eval
+# batch number) so on-device noise can derive its key from it; fine-tuning uses the identity.
+BatchFn = Callable[[dict, jax.Array], dict]
+
+MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
+
+
+def identity_batch(batch: dict, index) -> dict:
+    del index
+    return batch
+
+
+def loss_sums(logits, labels, pad_id: int, label_smoothing: float):
+    """Label-smoothed cross-entropy summed over real target tokens.
+
+    logits: f32 [B, T, V] over the logical vocabulary; labels: int [B, T] (pad_id or a negative id marks
+    positions without loss). The smoothed target puts `label_smoothing` mass uniformly over all V
+    classes: loss_t = (1 - eps) * nll_t + eps * mean_v(-log p_v).
+    Returns f32 scalars (smoothed_sum, nll_sum, correct_sum) and int32 token count.
+    """
+    logits = logits.astype(jnp.float32)
+    mask = (labels != pad_id) & (labels >= 0)
+    safe = jnp.where(mask, labels, 0)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nll = lse - target
+    smooth = lse - jnp.mean(logits, axis=-1)
+    per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    correct = (jnp.argmax(logits, axis=-1) == safe) & mask
+    return (jnp.sum(jnp.where(mask, per_token, 0.0)), jnp.sum(jnp.where(mask, nll, 0.0)),
+            jnp.sum(correct).astype(jnp.float32), jnp.sum(mask).astype(jnp.int32))
+
+
+def _forward(model, params, batch, dropout_key, deterministic: bool):
+    return model.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
+        batch.get("decoder_attention_mask"), deterministic=deterministic, rngs={"dropout": dropout_key})
+
+
+def _split_micro(batch: dict, micro_batches: int) -> dict:
+    """[B, ...] -> [M, B/M, ...] taking rows m, m+M, m+2M, ... for micro-batch m, so a batch sharded in
+    contiguous row blocks splits without moving data between devices."""
+    def split(x):
+        b = x.shape[0]
+        return x.reshape(b // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, micro_batches: int = 1, label_smoothing: float = 0.1,
+                    batch_fn: BatchFn = identity_batch, grad_shardings=None):
+    """train_step(state, batch) -> (state, metrics).
+
+    batch: whatever `batch_fn` turns into a model batch (int32 [B, ...] arrays: input_ids, attention_mask,
+    decoder_input_ids, decoder_attention_mask, labels). The loss is the label-smoothed CE summed over the
+    real target tokens of the whole global batch divided by their count (0 tokens: loss 0, no update), so
+    M micro-batches give exactly the gradient of the full batch. Gradients accumulate in float32.
+    A step whose loss or gradient norm is not finite leaves params/opt_state unchanged and bumps
+    `nonfinite_streak` / `nonfinite_total`; any finite step resets the streak.
+    metrics (f32/int32 scalars): loss, nll, accuracy, tokens, grad_norm, learning_rate, skipped,
+    nonfinite_streak, nonfinite_total.
+    """
+    from bart_jax.model import Bart
+
+    model = Bart(model_config)
+    pad_id = model_config.pad_token_id
+    deterministic = model_config.dropout == 0 and model_config.attention_dropout == 0 \
+        and model_config.activation_dropout == 0
+
+    def constrain(grads):
+        # Only the accumulation carry is pinned (to the parameter shardings, so FSDP accumulates shards);
+        # elsewhere XLA propagates shardings from the state's in/out shardings.
+        if grad_shardings is None:
+            return grads
+        return jax.lax.with_sharding_constraint(grads, grad_shardings)
+
+    def train_step(state: TrainState, batch: dict):
+        full = batch_fn(batch, state.step)
+        full = {k: full[k] for k in MODEL_KEYS if k in full}
+        labels = full["labels"]
+        total_tokens = jnp.sum((labels != pad_id) & (labels >= 0)).astype(jnp.int32)
+        denom = jnp.maximum(total_tokens, 1).astype(jnp.float32)
+        step_key = jax.random.fold_in(state.rng, state.step)
+
+        def micro_grads(mb, key):
+            def loss_fn(params):
+                logits = _forward(model, params, mb, key, deterministic)
+                sm, nll, correct, _ = loss_sums(logits, mb["labels"], pad_id, label_smoothing)
+                return sm / denom, (nll, correct)
+
+            (loss, (nll, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+            return grads, loss, nll, correct
+
+        if micro_batches == 1:
+            grads, loss, nll, correct = micro_grads(full, step_key)
+        else:
+            micro = _split_micro(full, micro_batches)
+
+            def body(carry, xs):
+                acc, loss_acc, nll_acc, corr_acc = carry
+                i, mb = xs
+                g, loss, nll, correct = micro_grads(mb, jax.random.fold_in(step_key, i))
+                acc = constrain(jax.tree.map(jnp.add, acc, g))
+                return (acc, loss_acc + loss, nll_acc + nll, corr_acc + correct), None
+
+            zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (grads, loss, nll, correct), _ = jax.lax.scan(
+                body, init, (jnp.arange(micro_batches), micro))
+
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        apply = finite & (total_tokens > 0)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+
+        def pick(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32)
+        total_bad = (state.nonfinite_total + jnp.where(finite, 0, 1)).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1, updates=state.updates + apply.astype(jnp.int32),
+            params=pick(new_params, state.params), opt_state=pick(new_opt, state.opt_state),
+            nonfinite_streak=streak, nonfinite_total=total_bad)
+        metrics = {
+            "loss": loss, "nll": nll / denom,
+            "accuracy": correct / denom, "tokens": total_tokens, "grad_norm": grad_norm,
+            "learning_rate": jnp.asarray(schedule(state.updates), jnp.float32),
+            "skipped": (~apply).astype(jnp.int32), "nonfinite_streak": streak, "nonfinite_total": total_bad,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model_config: BartConfig, *, label_smoothing: float = 0.1,
+                   batch_fn: BatchFn = identity_batch):
+    """eval_step(params, batch, index) -> sums {'loss_sum', 'nll_sum', 'correct', 'tokens'} (deterministic).
+
+    Sum over eval batches, then divide by the summed token count (`summarize_eval`).
+    """
+    from bart_jax.model import Bart
+
+    model = Bart(model_config)
+    pad_id = model_config.pad_token_id
+
+    def eval_step(params, batch: dict, index):
+        full = batch_fn(batch, index)
+        logits = _forward(model, params, full, jax.random.PRNGKey(0), True)
+        sm, nll, correct, count = loss_sums(logits, full["labels"], pad_id, label_smoothing)
+        return {"loss_sum": sm, "nll_sum": nll, "correct": correct, "tokens": count}
+
+    return eval_step
+
+
+def summarize_eval(sums: dict) -> dict:
+    """Token-averaged eval metrics from summed `eval_step` outputs (0 tokens -> 0, never NaN)."""
+    n = max(float(sums["tokens"]), 1.0)
+    return {"eval_loss": float(sums["loss_sum"]) / n, "eval_nll": float(sums["nll_sum"]) / n,
+            "eval_accuracy": float(sums["correct"]) / n, "eval_tokens": int(sums["tokens"])}
+
+
+class Compiled:
+    """A jitted function that runs under the mesh and the logical-axis rules (needed at trace time for
+    the model's `nn.with_logical_constraint`).
+
+    Flax's DenseGeneral (0.12) re-initialises kernels abstractly on every apply to check shapes and unboxes
+    the flat 2-D kernel with the 3 logical names of the real kernel; under a mesh and rules that sharding
+    constraint is rejected. If the model still builds its attention projections that way, tracing with
+    rules fails with that error and we fall back, with a warning, to the mesh without activation rules
+    (parameter and batch shardings still come from the jit in/out shardings, so results are the same).
+    """
+
+    def __init__(self, fn, mesh: Mesh, rules):
+        self._fn, self._mesh, self._rules = fn, mesh, rules
+        self._checked = False
+
+    def _run(self, method, args, rules):
+        with jax.set_mesh(self._mesh), nn.logical_axis_rules(rules):
+            return method(*args)
+
+    def _call(self, method, args):
+        if self._checked:
+            return self._run(method, args, self._rules)
+        try:
+            out = self._run(method, args, self._rules)
+        except ValueError as e:
+            if "with_sharding_constraint" not in str(e) or "rank" not in str(e) or not self._rules:
+                raise
+            warnings.warn("the model's parameter boxes are incompatible with logical-axis rules under a mesh "
+                          "(flax DenseGeneral flat-kernel unbox); running without activation sharding "
+                          "constraints", RuntimeWarning, stacklevel=3)
+            self._rules = ()
+            out = self._run(method, args, self._rules)
+        self._checked = True
+        return out
+
+    @property
+    def rules(self):
+        return self._rules
+
+    def __call__(self, *args):
+        return self._call(self._fn, args)
+
+    def lower(self, *args):
+        return self._call(self._fn.lower, args)
+
+
+def compile_train_step(train_step, shardings: TrainState, mesh: Mesh,
+                       rules=partitioning.LOGICAL_AXIS_RULES) -> Compiled:
+    """One jax.jit with explicit shardings: state in/out as `shardings` (donated), batch rows over
+    data x fsdp, metrics replicated."""
+    fn = jax.jit(train_step,
+                 in_shardings=(shardings, partitioning.batch_sharding(mesh)),
+                 out_shardings=(shardings, partitioning.replicated(mesh)),
+                 donate_argnums=0)
+    return Compiled(fn, mesh, rules)
+
+
+def compile_eval_step(eval_step, param_shardings, mesh: Mesh, rules=partitioning.LOGICAL_AXIS_RULES) -> Compiled:
+    fn = jax.jit(eval_step,
+                 in_shardings=(param_shardings, partitioning.batch_sharding(mesh), partitioning.replicated(mesh)),
+                 out_shardings=partitioning.replicated(mesh))
+    return Compiled(fn, mesh, rules)
