@@ -8,9 +8,7 @@ are traced values, and `pad_batch` buckets inputs so a stream of documents reuse
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 

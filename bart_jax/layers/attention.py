@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 from bart_jax.config import BartConfig
@@ -47,6 +48,33 @@ def dot_product_attention(q, k, v, mask, config: BartConfig, deterministic: bool
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=config.attention_implementation)
 
 
+class Projection(nn.Module):
+    """A biased linear map whose kernel is created at its full shape (contracted axes first).
+
+    (flax's DenseGeneral initialises a flat 2-D kernel and re-boxes it, which breaks logical-axis
+    sharding constraints under a mesh.) Parameters: 'kernel' `kernel_shape`, 'bias' `bias_shape`.
+    """
+
+    config: BartConfig
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    bias_shape: tuple[int, ...]
+    bias_axes: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kernel = self.param("kernel", dense_kernel_init(cfg, self.kernel_axes), self.kernel_shape, cfg.params_dtype)
+        bias = self.param("bias", zeros_init(self.bias_axes), self.bias_shape, cfg.params_dtype)
+        dtype = cfg.compute_dtype
+        # As one 2-D matmul over the flattened contracted axes (the layout torch's Linear uses).
+        n_in = len(self.kernel_shape) - len(self.bias_shape)
+        flat_in = x.reshape(*x.shape[: x.ndim - n_in], -1).astype(dtype)
+        flat_kernel = kernel.reshape(int(np.prod(self.kernel_shape[:n_in])), -1).astype(dtype)
+        y = (flat_in @ flat_kernel).reshape(*flat_in.shape[:-1], *self.bias_shape)
+        return y + bias.astype(dtype)
+
+
 class Attention(nn.Module):
     """BART attention with biased q/k/v/out projections; parameters named as in fairseq/Hugging Face."""
 
@@ -55,23 +83,18 @@ class Attention(nn.Module):
 
     def setup(self):
         cfg = self.config
-        head_dim = cfg.d_model // self.num_heads
+        d, heads = cfg.d_model, self.num_heads
+        head_dim = d // heads
 
-        def qkv(name):
-            return nn.DenseGeneral(
-                features=(self.num_heads, head_dim), axis=-1, use_bias=True,
-                dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                kernel_init=dense_kernel_init(cfg, ("embed", "heads", "kv")),
-                bias_init=zeros_init(("heads", "kv")), name=name)
+        def in_proj(name):
+            return Projection(cfg, (d, heads, head_dim), ("embed", "heads", "kv"),
+                              (heads, head_dim), ("heads", "kv"), name=name)
 
-        self.q_proj = qkv("q_proj")
-        self.k_proj = qkv("k_proj")
-        self.v_proj = qkv("v_proj")
-        self.out_proj = nn.DenseGeneral(
-            features=cfg.d_model, axis=(-2, -1), use_bias=True,
-            dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-            kernel_init=dense_kernel_init(cfg, ("heads", "kv", "embed")),
-            bias_init=zeros_init(("embed",)), name="out_proj")
+        self.q_proj = in_proj("q_proj")
+        self.k_proj = in_proj("k_proj")
+        self.v_proj = in_proj("v_proj")
+        self.out_proj = Projection(cfg, (heads, head_dim, d), ("heads", "kv", "embed"),
+                                   (d,), ("embed",), name="out_proj")
         self.attn_dropout = nn.Dropout(cfg.attention_dropout)
 
     def project_q(self, x):
@@ -86,8 +109,7 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, mask, deterministic: bool):
         """Attention of projected q [B, T, N, H] over k, v [B, S, N, H], then the output projection -> [B, T, d]."""
-        out = dot_product_attention(q, k, v, mask, self.config, deterministic, self.attn_dropout)
-        return self.out_proj(out)
+        return self.out_proj(dot_product_attention(q, k, v, mask, self.config, deterministic, self.attn_dropout))
 
     def __call__(self, x, kv_input, mask, deterministic: bool):
         """Full attention: queries from x [B, T, d], keys/values from kv_input [B, S, d]; mask bool [B|1, 1, T|1, S]."""

@@ -3,7 +3,6 @@ pretraining and fine-tuning, and their sharded jit compilation."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import flax.linen as nn
@@ -184,38 +183,14 @@ def summarize_eval(sums: dict) -> dict:
 
 class Compiled:
     """A jitted function that runs under the mesh and the logical-axis rules (needed at trace time for
-    the model's `nn.with_logical_constraint`).
-
-    Flax's DenseGeneral (0.12) re-initialises kernels abstractly on every apply to check shapes and unboxes
-    the flat 2-D kernel with the 3 logical names of the real kernel; under a mesh and rules that sharding
-    constraint is rejected. If the model still builds its attention projections that way, tracing with
-    rules fails with that error and we fall back, with a warning, to the mesh without activation rules
-    (parameter and batch shardings still come from the jit in/out shardings, so results are the same).
-    """
+    the model's `nn.with_logical_constraint`)."""
 
     def __init__(self, fn, mesh: Mesh, rules):
         self._fn, self._mesh, self._rules = fn, mesh, rules
-        self._checked = False
-
-    def _run(self, method, args, rules):
-        with jax.set_mesh(self._mesh), nn.logical_axis_rules(rules):
-            return method(*args)
 
     def _call(self, method, args):
-        if self._checked:
-            return self._run(method, args, self._rules)
-        try:
-            out = self._run(method, args, self._rules)
-        except ValueError as e:
-            if "with_sharding_constraint" not in str(e) or "rank" not in str(e) or not self._rules:
-                raise
-            warnings.warn("the model's parameter boxes are incompatible with logical-axis rules under a mesh "
-                          "(flax DenseGeneral flat-kernel unbox); running without activation sharding "
-                          "constraints", RuntimeWarning, stacklevel=3)
-            self._rules = ()
-            out = self._run(method, args, self._rules)
-        self._checked = True
-        return out
+        with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+            return method(*args)
 
     @property
     def rules(self):
