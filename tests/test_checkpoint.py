@@ -141,6 +141,23 @@ def test_resume_after_kill_continues_exactly(tmp_path, uninterrupted, tokenizer_
     chex.assert_trees_all_equal(jax.device_get(new_params), jax.device_get(ref_params))
 
 
+@pytest.mark.slow
+def test_preempted_run_resumes_with_same_losses(tmp_path, uninterrupted, tokenizer_dir):
+    """The run itself stops after step 3 without a final checkpoint (what preemption leaves: the step-2
+    checkpoint); the same call again resumes there and its losses equal the uninterrupted run's exactly."""
+    from bart_jax.train.loop import pretrain
+
+    _, ref = uninterrupted
+    cfg = C.load_config(os.path.join(ROOT, "configs", "tiny.yaml"), _tiny_run_args(tmp_path) + [
+        f"data.tokenizer={tokenizer_dir}"])
+    first = pretrain(cfg, stop_at_step=3)
+    assert first.final_step == 3 and first.model_dir is None
+    assert first.losses == ref.losses[:3]
+    second = pretrain(cfg)
+    assert second.resumed_from == 2 and second.final_step == 4
+    assert second.losses == ref.losses[2:]  # bitwise equal, data position and RNG restored
+
+
 def _param_targets(model):
     mesh = partitioning.make_mesh(C.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     shapes = abstract_params(model)
