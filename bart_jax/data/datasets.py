@@ -229,44 +229,46 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
         self.info.metadata.setdefault("stats", {})[split] = dict(stats)
 
 
-class TextCorpus(_Builder):
+class _LocalFilesBuilder(_Builder):
+    """Examples read from the local files of each split (config `split_paths`); `_read` parses one file."""
+
+    def _read(self, path: str, stats: dict):
+        raise NotImplementedError
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split, paths)
+                for split, paths in self.builder_config.split_paths.items()}
+
+    def _generate_examples(self, split, paths):
+        stats = {}
+        for file_index, path in enumerate(paths):
+            for example_index, example in enumerate(self._read(path, stats)):
+                yield f"{file_index}:{example_index}", example
+        self._record_stats(split, stats)
+
+
+class TextCorpus(_LocalFilesBuilder):
     """Pretraining documents from local files. Features: {'text': Text}."""
 
     def _features(self):
         return _text_features()
 
-    def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(split, paths)
-                for split, paths in self.builder_config.split_paths.items()}
-
-    def _generate_examples(self, split, paths):
-        cfg, stats = self.builder_config, {}
-        for file_index, path in enumerate(paths):
-            docs = iter_text_documents(path, text_field=cfg.text_field, blank_line_docs=cfg.blank_line_docs,
-                                       stats=stats)
-            for doc_index, text in enumerate(docs):
-                yield f"{file_index}:{doc_index}", {"text": text}
-        self._record_stats(split, stats)
+    def _read(self, path, stats):
+        cfg = self.builder_config
+        for text in iter_text_documents(path, text_field=cfg.text_field, blank_line_docs=cfg.blank_line_docs,
+                                        stats=stats):
+            yield {"text": text}
 
 
-class SummarizationPairs(_Builder):
+class SummarizationPairs(_LocalFilesBuilder):
     """Document -> summary pairs from local JSON lines / TSV files. Features: {'document', 'summary'}."""
 
     def _features(self):
         return _pair_features()
 
-    def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(split, paths)
-                for split, paths in self.builder_config.split_paths.items()}
-
-    def _generate_examples(self, split, paths):
-        cfg, stats = self.builder_config, {}
-        for file_index, path in enumerate(paths):
-            pairs = iter_pairs(path, document_field=cfg.document_field, summary_field=cfg.summary_field,
-                               stats=stats)
-            for pair_index, pair in enumerate(pairs):
-                yield f"{file_index}:{pair_index}", pair
-        self._record_stats(split, stats)
+    def _read(self, path, stats):
+        cfg = self.builder_config
+        return iter_pairs(path, document_field=cfg.document_field, summary_field=cfg.summary_field, stats=stats)
 
 
 class StdlibDocs(_Builder):
