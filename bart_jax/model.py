@@ -15,7 +15,7 @@ import flax.linen as nn
 
 from bart_jax.config import BartConfig
 from bart_jax.layers.attention import zeros_init
-from bart_jax.layers.transformer import Decoder, Encoder, check_length
+from bart_jax.layers.transformer import Decoder, Encoder, check_length, unstack_layers
 
 
 def shift_tokens_right(labels, pad_token_id: int, decoder_start_token_id: int):
@@ -91,11 +91,13 @@ class Bart(nn.Module):
         enc = self.encode(input_ids, attention_mask, deterministic)
         return self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask, deterministic)
 
-    def init_cache(self, encoder_hidden, encoder_mask, num_beams: int, max_length: int):
+    def init_cache(self, encoder_hidden, encoder_mask, num_beams: int, max_length: int, per_layer: bool = False):
         """Decoding cache for `num_beams` beams per input and up to `max_length` decoder positions.
 
-        Returns {'self_k', 'self_v': zeros [L, B*K, max_length, N, H], 'cross_k', 'cross_v': [L, B, S, N, H]}.
-        Cross-attention keys/values are computed here once per input, at batch size B.
+        Returns {'self_k', 'self_v': zeros [L, B*K, N, H, max_length], 'cross_k', 'cross_v': [L, B, N, H, S]}
+        (the layout decoding attention reads in place, see `explicit_attention`), or with per_layer each leaf
+        as a tuple of L per-layer arrays (the cache of the unrolled `decode_step`). Cross-attention
+        keys/values are computed here once per input, at batch size B.
         """
         cfg = self.config
         check_length(cfg, max_length, "max_length")
@@ -103,23 +105,35 @@ class Bart(nn.Module):
         cross = self.decoder(None, None, encoder_hidden, None, None, mode="cross_kv", deterministic=True)
         batch = encoder_hidden.shape[0]
         heads = cfg.decoder_attention_heads
-        shape = (cfg.decoder_layers, batch * num_beams, max_length, heads, cfg.d_model // heads)
+        shape = (cfg.decoder_layers, batch * num_beams, heads, cfg.d_model // heads, max_length)
         zeros = jnp.zeros(shape, cfg.compute_dtype)
-        return {"self_k": zeros, "self_v": zeros, **cross}
+        cache = {"self_k": zeros, "self_v": zeros, **cross}
+        if per_layer:
+            cache = {name: tuple(leaf) for name, leaf in cache.items()}
+        return cache
 
-    def decode_step(self, token_ids, index, cache, encoder_mask):
+    def decode_step(self, token_ids, index, cache, encoder_mask, layer_params=None):
         """One cached decoder step.
 
         token_ids int [B*K]: the token at decoder position `index` (scalar; 0 holds the start token).
-        encoder_mask int [B, S]. Returns (f32 logits [B*K, vocab_size] for position index + 1, new cache).
+        encoder_mask int [B, S]. layer_params: None runs the scan over the stacked decoder layers and a
+        stacked cache; the per-layer trees of `decoder_layer_params(params)` run the same layers unrolled
+        over separate weight buffers and a per-layer cache (`init_cache(..., per_layer=True)`): faster
+        inside a decoding loop, where the scan slices (copies) every layer's weights at every step.
+        Returns (f32 logits [B*K, vocab_size] for position index + 1, new cache).
         """
-        max_length = cache["self_k"].shape[2]
+        max_length = jax.tree.leaves(cache["self_v"])[0].shape[-1]
         self_mask = (jnp.arange(max_length) <= index)[None, None, None, :]
         hidden, cache = self.decoder(
             self._embed(token_ids[:, None]), jnp.reshape(index, (1,)), None,
             encoder_mask.astype(bool)[:, None, None, :], self_mask,
-            mode="step", deterministic=True, cache=cache, index=index)
+            mode="step", deterministic=True, cache=cache, index=index, layer_params=layer_params)
         return self._logits(hidden[:, 0]), cache
+
+
+def decoder_layer_params(config: BartConfig, params) -> tuple:
+    """The decoder's stacked layer parameters as a tuple of per-layer trees (for `Bart.decode_step`)."""
+    return unstack_layers(params["decoder"]["layers"], config.decoder_layers)
 
 
 def _dummy_inputs(config: BartConfig):

@@ -29,9 +29,10 @@ EOS, PAD, BOS = 2, 1, 0
 
 
 # ----------------------------------------------------------------------------- HF parity
-@pytest.mark.parametrize("name", GENERATION_FIXTURES)
-def test_hugging_face_parity(name):
-    """Token ids identical to HF PyTorch generate for every stored control set; scores within 1e-4."""
+@pytest.mark.parametrize("name,scan_decoder", [(name, False) for name in GENERATION_FIXTURES] + [("bart_default", True)])
+def test_hugging_face_parity(name, scan_decoder):
+    """Token ids identical to HF PyTorch generate for every stored control set; scores within 1e-4.
+    The default unrolled cached decoder on every fixture, the scan-over-layers one on bart_default."""
     from bart_jax.convert import from_pretrained
 
     path = FIXTURES / name / "generation.json"
@@ -45,7 +46,7 @@ def test_hugging_face_parity(name):
     failures = []
     for run_name, run in fixture["runs"].items():
         out = generate(config, params, input_ids, mask, decoder_start_token_id=common["decoder_start_token_id"],
-                       **run["controls"])
+                       scan_decoder=scan_decoder, **run["controls"])
         got = np.asarray(out.sequences).reshape(-1, out.sequences.shape[-1])
         want = run["sequences"]
         width = len(want[0])

@@ -8,7 +8,7 @@ import pytest
 
 from bart_jax import Bart, BartConfig, init_params, param_logical_axes, preset, shift_tokens_right
 from bart_jax.layers.transformer import activation
-from bart_jax.model import param_count
+from bart_jax.model import decoder_layer_params, param_count
 
 
 def tiny(**kw):
@@ -98,22 +98,43 @@ def test_remat_changes_nothing_numerically(cfg_params, policy):
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_cached_steps_equal_full_forward(cfg_params, num_beams):
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_cached_steps_equal_full_forward(cfg_params, num_beams, unrolled):
+    """Both cached decoders (scan over stacked layers and cache; unrolled over per-layer weight and cache
+    buffers) reproduce the teacher-forced logits position by position."""
     cfg, params = cfg_params
     ids, am, _, _ = batch()
     model = Bart(cfg)
     dec = jnp.array([[2, 0, 5, 6, 7, 8, 9], [2, 0, 9, 10, 11, 12, 13]], jnp.int32)
     full = model.apply({"params": params}, ids, am, dec)
     enc = model.apply({"params": params}, ids, am, method="encode")
-    cache = model.apply({"params": params}, enc, am, num_beams, 10, method="init_cache")
-    chex.assert_shape(cache["self_k"], (cfg.decoder_layers, 2 * num_beams, 10, 4, 16))
-    chex.assert_shape(cache["cross_k"], (cfg.decoder_layers, 2, 8, 4, 16))  # per input, not per beam
-    step = jax.jit(lambda t, i, c: model.apply({"params": params}, t, i, c, am, method="decode_step"))
+    cache = model.apply({"params": params}, enc, am, num_beams, 10, unrolled, method="init_cache")
+    layers = cfg.decoder_layers
+    if unrolled:
+        assert all(len(leaf) == layers for leaf in cache.values())
+        chex.assert_shape([*cache["self_k"], *cache["self_v"]], (2 * num_beams, 4, 16, 10))  # [B*K, N, H, T]
+        chex.assert_shape([*cache["cross_k"], *cache["cross_v"]], (2, 4, 16, 8))  # per input, not per beam
+    else:
+        chex.assert_shape([cache["self_k"], cache["self_v"]], (layers, 2 * num_beams, 4, 16, 10))
+        chex.assert_shape([cache["cross_k"], cache["cross_v"]], (layers, 2, 4, 16, 8))
+    layer_params = decoder_layer_params(cfg, params) if unrolled else None
+    step = jax.jit(lambda t, i, c: model.apply({"params": params}, t, i, c, am, layer_params, method="decode_step"))
     beams = jnp.repeat(dec, num_beams, axis=0)
     for t in range(dec.shape[1]):
         logits, cache = step(beams[:, t], jnp.int32(t), cache)
         expect = jnp.repeat(full[:, t], num_beams, axis=0)
         chex.assert_trees_all_close(logits, expect, atol=2e-5)
+
+
+def test_unrolled_step_rejects_wrong_layer_count(cfg_params):
+    cfg, params = cfg_params
+    ids, am, _, _ = batch()
+    model = Bart(cfg)
+    enc = model.apply({"params": params}, ids, am, method="encode")
+    cache = model.apply({"params": params}, enc, am, 1, 4, True, method="init_cache")
+    with pytest.raises(ValueError, match="layer_params has 1 layers"):
+        model.apply({"params": params}, jnp.array([2, 2]), jnp.int32(0), cache, am,
+                    decoder_layer_params(cfg, params)[:1], method="decode_step")
 
 
 def test_padding_does_not_change_real_positions(cfg_params):

@@ -19,8 +19,12 @@ import numpy as np
 from bart_jax.config import BartConfig
 from bart_jax.decode.search import SearchControls, search
 
-# Cache leaves that follow a beam when beams are re-ranked; cross-attention K/V are shared per input.
-CACHE_BEAM_AXES = {"self_k": 1, "self_v": 1, "cross_k": None, "cross_v": None}
+def cache_beam_axes(per_layer: bool) -> dict:
+    """Beam axis of the cache leaves that follow a beam when beams are re-ranked (stacked cache: after the
+    layer axis; per-layer cache: first); cross-attention K/V are shared per input (None)."""
+    axis = 0 if per_layer else 1
+    return {"self_k": axis, "self_v": axis, "cross_k": None, "cross_v": None}
+
 
 # Hugging Face's default when neither max_length nor max_new_tokens is given: 20 new tokens.
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -71,14 +75,15 @@ def resolve_controls(config: BartConfig, **controls) -> SearchControls:
                                  vocab_size=config.vocab_size, **c)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def generate_ids(config: BartConfig, params, input_ids, attention_mask, controls: SearchControls, rng):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("scan_decoder",))
+def generate_ids(config: BartConfig, params, input_ids, attention_mask, controls: SearchControls, rng,
+                 scan_decoder: bool = False):
     """The compiled generation program (see `generate`); `controls` come from `resolve_controls`.
 
     input_ids, attention_mask: int [B, S]; rng: PRNG key (used only when sampling).
     Returns GenerateOutput(sequences int32 [B, R, max_length], scores float32 [B, R]).
     """
-    from bart_jax.model import Bart
+    from bart_jax.model import Bart, decoder_layer_params
 
     model = Bart(config)
     variables = {"params": params}
@@ -86,23 +91,30 @@ def generate_ids(config: BartConfig, params, input_ids, attention_mask, controls
     # Beams (or, when sampling, the R samples of one input) share that input's cross-attention K/V.
     rows_per_input = controls.num_beams if controls.num_beams > 1 else controls.num_return_sequences
     cache = model.apply(variables, encoder_hidden, attention_mask, rows_per_input, controls.max_length,
-                        method="init_cache")
+                        not scan_decoder, method="init_cache")
+
+    # Per-layer weight buffers, split once per call outside the search loop (see `Bart.decode_step`).
+    layer_params = None if scan_decoder else decoder_layer_params(config, params)
 
     def step_fn(token_ids, index, cache):
-        return model.apply(variables, token_ids, index, cache, attention_mask, method="decode_step")
+        return model.apply(variables, token_ids, index, cache, attention_mask, layer_params, method="decode_step")
 
-    sequences, scores = search(step_fn, cache, input_ids.shape[0], controls, CACHE_BEAM_AXES, rng)
+    sequences, scores = search(step_fn, cache, input_ids.shape[0], controls, cache_beam_axes(not scan_decoder), rng)
     return GenerateOutput(sequences, scores)
 
 
-def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=None, **controls) -> GenerateOutput:
+def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=None, scan_decoder: bool = False,
+             **controls) -> GenerateOutput:
     """Generate with Hugging Face PyTorch `generate` semantics for BART, as one jitted program.
 
     input_ids: int [B, S]; attention_mask: int [B, S] (1 = real token; default: input_ids != pad).
     controls: num_beams, max_length | max_new_tokens, min_length | min_new_tokens, length_penalty,
     early_stopping (True/False/"never"), no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id,
     decoder_start_token_id, num_return_sequences, do_sample, temperature, top_k, top_p; rng: PRNG key for
-    sampling (default PRNGKey(0)). Returns GenerateOutput(sequences int32 [B, R, max_length] with the
+    sampling (default PRNGKey(0)). scan_decoder: run the cached decoder as a scan over the stacked layers
+    (one compiled layer body: for very deep decoders where compile time matters) instead of the default
+    unrolled layers over per-layer weight buffers split once per call (no per-step weight copies; MaxText
+    serves unscanned layers for the same reason). Same results either way. Returns GenerateOutput(sequences int32 [B, R, max_length] with the
     decoder start token first and pad after EOS, scores float32 [B, R]).
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -119,10 +131,10 @@ def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=
     resolved = resolve_controls(config, **controls)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     if resolved.num_beams == 1:
-        return generate_ids(config, params, input_ids, attention_mask, resolved, rng)
+        return generate_ids(config, params, input_ids, attention_mask, resolved, rng, scan_decoder=scan_decoder)
     # Beam search keeps all num_beams hypotheses anyway; slicing here keeps R out of the compiled program.
     out = generate_ids(config, params, input_ids, attention_mask,
-                       resolved.replace(num_return_sequences=resolved.num_beams), rng)
+                       resolved.replace(num_return_sequences=resolved.num_beams), rng, scan_decoder=scan_decoder)
     r = resolved.num_return_sequences
     return GenerateOutput(out.sequences[:, :r], out.scores[:, :r])
 

@@ -26,6 +26,24 @@ def zeros_init(axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros, axes)
 
 
+def explicit_attention(q, k, v, mask, k_layout: str = "bsnh", v_layout: str = "bsnh", dropout_module=None):
+    """softmax(q k^T / sqrt(H) masked) v written out, the softmax in float32 (or float64).
+
+    q: [B, T, N, H]; k, v: [B, S, N, H] by default, or laid out as `k_layout`/`v_layout` say (the
+    decoding cache keeps both as 'bnhs', the layout XLA's CPU matmuls read in place: with others it
+    transposed every layer's cache at every step); mask: bool broadcastable to [B, N, T, S]
+    (True = attend). Returns [B, T, N, H].
+    """
+    scale = q.shape[-1] ** -0.5
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum(f"btnh,{k_layout}->bnts", q, k, preferred_element_type=logits_dtype) * scale
+    logits = jnp.where(mask, logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout_module is not None:
+        probs = dropout_module(probs, deterministic=False)
+    return jnp.einsum(f"bnts,{v_layout}->btnh", probs.astype(v.dtype), v)
+
+
 def dot_product_attention(q, k, v, mask, config: BartConfig, deterministic: bool, dropout_module=None):
     """softmax(q k^T / sqrt(H) masked) v.
 
@@ -35,16 +53,9 @@ def dot_product_attention(q, k, v, mask, config: BartConfig, deterministic: bool
     """
     dropout = config.attention_dropout > 0.0 and not deterministic
     # jax.nn.dot_product_attention takes its softmax in float32; float64 (used to verify exactness) and
-    # attention dropout go through this explicit path.
+    # attention dropout go through the explicit path.
     if dropout or q.dtype == jnp.float64:
-        scale = q.shape[-1] ** -0.5
-        logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-        logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=logits_dtype) * scale
-        logits = jnp.where(mask, logits, MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1)
-        if dropout:
-            probs = dropout_module(probs, deterministic=False)
-        return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+        return explicit_attention(q, k, v, mask, dropout_module=dropout_module if dropout else None)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=config.attention_implementation)
 
 
@@ -110,6 +121,11 @@ class Attention(nn.Module):
     def attend(self, q, k, v, mask, deterministic: bool):
         """Attention of projected q [B, T, N, H] over k, v [B, S, N, H], then the output projection -> [B, T, d]."""
         return self.out_proj(dot_product_attention(q, k, v, mask, self.config, deterministic, self.attn_dropout))
+
+    def attend_cached(self, q, k, v, mask):
+        """Decoding attention of q [B, T, N, H] over cached k, v [B, N, H, S], then the output
+        projection -> [B, T, d]."""
+        return self.out_proj(explicit_attention(q, k, v, mask, "bnhs", "bnhs"))
 
     def __call__(self, x, kv_input, mask, deterministic: bool):
         """Full attention: queries from x [B, T, d], keys/values from kv_input [B, S, d]; mask bool [B|1, 1, T|1, S]."""

@@ -87,10 +87,12 @@ class DecoderLayer(nn.Module):
     """Causal self-attention + cross-attention + feed-forward, in one of three modes (same parameters).
 
     - 'full'     (teacher forcing): carry x [B, T, d]; xs None; returns (x, None).
-    - 'cross_kv' (cache set-up): carry unused; returns (carry, {'cross_k', 'cross_v'} each [B, S, N, H]).
-    - 'step'     (one cached token): carry (x [B*K, 1, d], self_k, self_v) with the whole cache
-                 [L, B*K, T_max, N, H] (updated in place at (layer, :, index)); xs (layer index,
-                 cross_k, cross_v [B, S, N, H]); cross keys/values are shared by the K beams of an input.
+    - 'cross_kv' (cache set-up): carry unused; returns (carry, {'cross_k', 'cross_v'} each [B, N, H, S]).
+    - 'step'     (one cached token): carry (x [B*K, 1, d], self_k, self_v); xs (layer, cross_k, cross_v);
+                 cross keys/values are shared by the K beams of an input. Cache leaves are [.., N, H, T]
+                 (see `explicit_attention`). Under the scan, `layer` is the traced layer index and
+                 self_k/self_v are the whole stacked cache [L, B*K, N, H, T_max] (updated in place at
+                 `index`); unrolled, `layer` is None and they are this layer's own [B*K, N, H, T_max].
     """
 
     config: BartConfig
@@ -104,7 +106,7 @@ class DecoderLayer(nn.Module):
         cross_attn = Attention(cfg, cfg.decoder_attention_heads, name="encoder_attn")
         if self.mode == "cross_kv":
             k, v = cross_attn.project_kv(enc)
-            return carry, {"cross_k": k, "cross_v": v}
+            return carry, {"cross_k": k.transpose(0, 2, 3, 1), "cross_v": v.transpose(0, 2, 3, 1)}
 
         dropout = nn.Dropout(cfg.dropout)
         if self.mode == "full":
@@ -122,17 +124,23 @@ class DecoderLayer(nn.Module):
             def self_sublayer(h):
                 nonlocal cache_k, cache_v
                 k, v = self_attn.project_kv(h)  # [B*K, 1, N, H]
-                at = (layer, 0, index, 0, 0)
-                cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
-                cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
-                return self_attn.attend(self_attn.project_q(h), cache_k[layer], cache_v[layer], self_mask, det)
+                k, v = (a.transpose(0, 2, 3, 1).astype(cache_k.dtype) for a in (k, v))  # [B*K, N, H, 1]
+                if layer is None:
+                    cache_k = jax.lax.dynamic_update_slice(cache_k, k, (0, 0, 0, index))
+                    cache_v = jax.lax.dynamic_update_slice(cache_v, v, (0, 0, 0, index))
+                    layer_k, layer_v = cache_k, cache_v
+                else:
+                    cache_k = jax.lax.dynamic_update_slice(cache_k, k[None], (layer, 0, 0, 0, index))
+                    cache_v = jax.lax.dynamic_update_slice(cache_v, v[None], (layer, 0, 0, 0, index))
+                    layer_k, layer_v = cache_k[layer], cache_v[layer]
+                return self_attn.attend_cached(self_attn.project_q(h), layer_k, layer_v, self_mask)
 
             def cross_sublayer(h):
                 batch = cross_k.shape[0]
                 q = cross_attn.project_q(h)  # [B*K, 1, N, H]
                 # The K beams of one input become K query positions over that input's shared keys.
                 q = q.reshape(batch, -1, *q.shape[2:])
-                out = cross_attn.attend(q, cross_k, cross_v, enc_mask, det)  # [B, K, d]
+                out = cross_attn.attend_cached(q, cross_k, cross_v, enc_mask)  # [B, K, d]
                 return out.reshape(h.shape)
 
         x = residual(x, self_sublayer, layer_norm(cfg, "self_attn_layer_norm"), dropout, cfg, det)
@@ -165,6 +173,11 @@ def scanned(layer_cls, config: BartConfig, num_layers: int, num_broadcast: int):
         unroll=1 if config.scan_layers else num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
+
+
+def unstack_layers(stacked_params, num_layers: int) -> tuple:
+    """A scanned stack's parameters (leaves [num_layers, ...]) as a tuple of per-layer trees (copies)."""
+    return tuple(jax.tree.map(lambda leaf, i=i: leaf[i], stacked_params) for i in range(num_layers))
 
 
 class PositionalEmbedding(nn.Module):
@@ -218,7 +231,10 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, embeds, positions, enc, enc_mask, self_mask, *, mode: str, deterministic: bool,
-                 cache=None, index=None):
+                 cache=None, index=None, layer_params=None):
+        """'step' mode runs the scanned layers over a stacked cache, or with `layer_params` (a sequence of
+        per-layer parameter trees, see `unstack_layers`) the same layer code unrolled over those separate
+        buffers and a per-layer cache (each leaf a tuple of layers)."""
         cfg = self.config
         layers = scanned(functools.partial(DecoderLayer, mode=mode), cfg, cfg.decoder_layers, num_broadcast=4)
         layers = layers(cfg, deterministic, name="layers")
@@ -231,10 +247,24 @@ class Decoder(nn.Module):
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         if mode == "full":
             x, _ = layers(x, None, enc, enc_mask, self_mask, None)
-        else:
+        elif layer_params is None:
             xs = (jnp.arange(cfg.decoder_layers), cache["cross_k"], cache["cross_v"])
             (x, k, v), _ = layers((x, cache["self_k"], cache["self_v"]), xs, None, enc_mask, self_mask, index)
             cache = {**cache, "self_k": k, "self_v": v}
+        else:
+            # Inside a while loop a scan slices each layer's weights out of the stacked arrays every step
+            # (a copy as large as the weights); separate per-layer buffers (weights and cache) are read in place.
+            if len(layer_params) != cfg.decoder_layers:
+                raise ValueError(f"layer_params has {len(layer_params)} layers; the config has {cfg.decoder_layers}")
+            layer = DecoderLayer(cfg, deterministic, mode="step", parent=None)
+            new_k, new_v = [], []
+            for i, params in enumerate(layer_params):
+                carry = (x, cache["self_k"][i], cache["self_v"][i])
+                xs = (None, cache["cross_k"][i], cache["cross_v"][i])
+                (x, k, v), _ = layer.apply({"params": params}, carry, xs, None, enc_mask, self_mask, index)
+                new_k.append(k)
+                new_v.append(v)
+            cache = {**cache, "self_k": tuple(new_k), "self_v": tuple(new_v)}
         if cfg.add_final_layer_norm:
             x = layer_norm(cfg, "layer_norm")(x)
         return x, cache
