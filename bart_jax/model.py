@@ -60,11 +60,22 @@ class Bart(nn.Module):
         scale = self.config.d_model ** 0.5 if self.config.scale_embedding else 1.0
         return self.shared(ids) * jnp.asarray(scale, self.config.compute_dtype)
 
-    def _logits(self, hidden):
-        """hidden [..., d] -> float32 logits [..., vocab_size] (tied projection + final_logits_bias)."""
+    def _logits(self, hidden, vocab_major: bool = False):
+        """hidden [..., d] -> float32 logits [..., vocab_size] (tied projection + final_logits_bias).
+
+        vocab_major computes the transposed product [vocab, rows] and transposes it back: for the few
+        rows of a decoding step XLA's CPU matmul then streams the [vocab, d] table at close to memory
+        bandwidth (1.6x faster at 4 rows; the barrier stops XLA from folding the transpose back in).
+        """
         table = self.shared.embedding if self.config.tie_word_embeddings else self.lm_head
         out_dtype = jnp.promote_types(hidden.dtype, jnp.float32)  # float32, or float64 for verification
-        logits = jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype), preferred_element_type=out_dtype)
+        table = table.astype(hidden.dtype)
+        if vocab_major:
+            rows = hidden.reshape(-1, hidden.shape[-1])
+            logits = jnp.einsum("vd,md->vm", table, rows, preferred_element_type=out_dtype)
+            logits = jax.lax.optimization_barrier(logits).T.reshape(*hidden.shape[:-1], -1)
+        else:
+            logits = jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=out_dtype)
         logits = logits + self.final_logits_bias.astype(out_dtype)
         return logits[..., : self.config.vocab_size]
 
@@ -128,7 +139,7 @@ class Bart(nn.Module):
             self._embed(token_ids[:, None]), jnp.reshape(index, (1,)), None,
             encoder_mask.astype(bool)[:, None, None, :], self_mask,
             mode="step", deterministic=True, cache=cache, index=index, layer_params=layer_params)
-        return self._logits(hidden[:, 0]), cache
+        return self._logits(hidden[:, 0], vocab_major=True), cache
 
 
 def decoder_layer_params(config: BartConfig, params) -> tuple:

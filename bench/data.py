@@ -23,8 +23,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-
 
 def _pipeline_rate(make_iter, n_batches, count):
     it = make_iter()
@@ -41,39 +39,12 @@ def _pipeline_rate(make_iter, n_batches, count):
 
 
 def _step_rate(vocab_size, batch, seq_len, repeats):
-    import jax
-    import jax.numpy as jnp
-    import optax
+    """A bart-base forward+backward on [batch, seq_len] rows (source and target), as tokens/s of rows."""
+    from forward import train_step_time  # bench/forward.py, this script's directory
 
-    from bart_jax import Bart, init_params, preset
-
-    config = preset("bart-base", vocab_size=vocab_size, dropout=0.0, attention_dropout=0.0,
-                    activation_dropout=0.0)
-    model = Bart(config)
-    params = init_params(config, jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(5, vocab_size, (batch, seq_len)), jnp.int32)
-    mask = jnp.ones_like(ids)
-
-    @jax.jit
-    def grad_step(params, ids, mask):
-        def loss_fn(p):
-            logits = model.apply({"params": p}, ids, mask, ids, deterministic=True)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, ids).mean()
-        return jax.grad(loss_fn)(params)
-
-    start = time.perf_counter()
-    jax.block_until_ready(grad_step(params, ids, mask))
-    compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(grad_step(params, ids, mask))
-        times.append(time.perf_counter() - start)
-    step_s = float(np.median(times))
-    return {"batch": batch, "seq_len": seq_len, "compile_s": compile_s, "step_s": step_s,
-            "tokens_per_s": batch * seq_len / step_s,
-            "params_millions": sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6}
+    step = train_step_time("bart-base", batch, seq_len, seq_len, repeats=repeats, vocab_size=vocab_size)
+    return {"batch": batch, "seq_len": seq_len, "compile_s": step["compile_s"], "step_s": step["step_s"],
+            "tokens_per_s": batch * seq_len / step["step_s"], "params_millions": step["params"] / 1e6}
 
 
 def main(argv=None) -> int:

@@ -50,6 +50,33 @@ def matmul_flops_per_s(dtype, n=2048, repeats=5) -> float:
     return 2 * n ** 3 / timed(f, a, a, repeats=repeats)
 
 
+def train_step_time(preset_name: str = "bart-base", batch: int = 4, src: int = 512, tgt: int = 128,
+                    dtype: str = "float32", repeats: int = 3, vocab_size: int | None = None) -> dict:
+    """Time one jitted forward+backward (token cross-entropy) of a BART preset on random tokens.
+
+    The one train-step timer of the benchmarks (bench/noise.py and bench/data.py compare against it).
+    Returns {'config', 'params', 'compile_s', 'step_s' (median of `repeats`), 'tokens' (batch x (src + tgt))}.
+    """
+    overrides = {"vocab_size": vocab_size} if vocab_size else {}
+    cfg = preset(preset_name, dtype=dtype, dropout=0.0, **overrides)
+    params = init_params(cfg)
+    model = Bart(cfg)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, src)), jnp.int32)
+    dec = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, tgt)), jnp.int32)
+    mask, dmask = jnp.ones_like(ids), jnp.ones_like(dec)
+
+    def loss(p):
+        logits = model.apply({"params": p}, ids, mask, dec, dmask)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), dec[..., None], -1))
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+    compile_s = time.perf_counter() - t0
+    return {"config": cfg, "params": param_count(params), "compile_s": compile_s,
+            "step_s": timed(compiled, params, repeats=repeats), "tokens": batch * (src + tgt)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="bart-base")
@@ -61,28 +88,13 @@ def main(argv=None):
     ap.add_argument("--out", default="bench/out/forward.json")
     args = ap.parse_args(argv)
 
-    cfg = preset(args.preset, dtype=args.dtype, dropout=0.0)
-    params = init_params(cfg)
-    model = Bart(cfg)
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(3, cfg.vocab_size, (args.batch, args.src)), jnp.int32)
-    dec = jnp.asarray(rng.integers(3, cfg.vocab_size, (args.batch, args.tgt)), jnp.int32)
-    mask, dmask = jnp.ones_like(ids), jnp.ones_like(dec)
-
-    def loss(p):
-        logits = model.apply({"params": p}, ids, mask, dec, dmask)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), dec[..., None], -1))
-
-    step = jax.jit(jax.value_and_grad(loss))
-    t0 = time.perf_counter()
-    compiled = step.lower(params).compile()
-    compile_s = time.perf_counter() - t0
-    step_s = timed(compiled, params, repeats=args.repeats)
+    step = train_step_time(args.preset, args.batch, args.src, args.tgt, args.dtype, args.repeats)
+    cfg, compile_s, step_s = step["config"], step["compile_s"], step["step_s"]
     flops = model_flops(cfg, args.batch, args.src, args.tgt)
     peak = matmul_flops_per_s(jnp.float32 if args.dtype == "float32" else jnp.bfloat16)
-    tokens = args.batch * (args.src + args.tgt)
+    tokens = step["tokens"]
     row = {
-        "preset": args.preset, "params": param_count(params), "dtype": args.dtype, "batch": args.batch,
+        "preset": args.preset, "params": step["params"], "dtype": args.dtype, "batch": args.batch,
         "src_len": args.src, "tgt_len": args.tgt, "compile_s": round(compile_s, 2),
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
         "model_gflop_per_s": round(flops / step_s / 1e9, 2), "matmul_gflop_per_s": round(peak / 1e9, 2),

@@ -4,7 +4,9 @@ CPU table (the issue's setting): bart-base shape with random weights, source len
 min_length = max_length so every system generates exactly the same number of tokens, beams 4 and 6,
 batch 1 and 8. bart_jax's compile time is reported separately (AOT lower + compile); run times are the
 best of --repeats calls after a warm-up (the minimum is the most robust to other load on a shared machine),
-and each case runs bart_jax then HF back to back so both see the same machine state. If --hf-python names an interpreter with torch + transformers
+and each case runs bart_jax then HF back to back so both see the same machine state. 'scan ms/tok' is the
+same generation with the scan-over-layers cached decoder (`generate(..., scan_decoder=True)`), which slices
+every layer's weights out of the stacked arrays at every step. If --hf-python names an interpreter with torch + transformers
 (it runs as a subprocess, so this project never imports torch), HF `generate` runs the same configuration
 and the table shows the speed ratio measured in the same run.
 
@@ -67,8 +69,9 @@ def hf_config_dict(config) -> dict:
                                                     "activation_dropout": 0.0, "forced_eos_token_id": None}
 
 
-def run_bart_jax(config, params, case: dict) -> dict:
-    """Compile (timed), warm up, then the best of `repeats` timed calls of one generate program."""
+def run_bart_jax(config, params, case: dict, scan_decoder: bool = False) -> dict:
+    """Compile (timed), warm up, then the best of `repeats` timed calls of one generate program
+    (the default unrolled cached decoder, or the scan over stacked layers with scan_decoder)."""
     import jax
 
     from bart_jax.decode.generate import generate_ids, resolve_controls
@@ -84,7 +87,7 @@ def run_bart_jax(config, params, case: dict) -> dict:
     controls = controls.replace(num_return_sequences=controls.num_beams)  # as `generate` compiles beam search
     key = jax.random.PRNGKey(0)
     start = time.perf_counter()
-    compiled = generate_ids.lower(config, params, ids, mask, controls, key).compile()
+    compiled = generate_ids.lower(config, params, ids, mask, controls, key, scan_decoder=scan_decoder).compile()
     compile_s = time.perf_counter() - start
     out = jax.block_until_ready(compiled(params, ids, mask, controls, key))
     # min_length = max_length: every returned hypothesis has exactly NEW_TOKENS generated tokens.
@@ -115,6 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="batch 1 only (a slow CPU)")
     parser.add_argument("--ngram", type=int, default=0, help="no_repeat_ngram_size for every case (presets use 3)")
+    parser.add_argument("--no-scan", action="store_true",
+                        help="skip the scan-over-layers decoder column (generate(..., scan_decoder=True))")
     args = parser.parse_args(argv)
 
     import importlib.util
@@ -136,6 +141,8 @@ def main(argv=None) -> int:
     rows, hf = [], [] if hf_python and backend == "cpu" else None
     for case in cases:  # interleaved, so a change in background load hits both systems alike
         rows.append(run_bart_jax(config, params, case))
+        if not args.no_scan:
+            rows[-1]["scan_decoder_seconds"] = run_bart_jax(config, params, case, scan_decoder=True)["seconds"]
         if hf is not None:
             result = run_hf(hf_python, config, [case], threads)
             hf = None if result is None else hf + result
@@ -143,6 +150,7 @@ def main(argv=None) -> int:
     print(f"\nbart-base shape, random weights, source {SOURCE_LENGTH}, {NEW_TOKENS} new tokens "
           f"(min_length = max_length), no_repeat_ngram_size {args.ngram}, backend {backend}, {threads} CPU threads")
     header = f"{'beams':>5} {'batch':>5} | {'compile s':>9} {'seq/s':>8} {'ms/token':>9}"
+    header += "" if args.no_scan else f" {'scan ms/tok':>11}"
     header += f" | {'HF seq/s':>8} {'HF ms/tok':>9} {'speed-up':>8}" if hf else ""
     print(header)
     print("-" * len(header))
@@ -151,6 +159,8 @@ def main(argv=None) -> int:
         row["ms_per_token"] = 1000 * row["seconds"] / NEW_TOKENS
         line = (f"{row['num_beams']:>5} {row['batch']:>5} | {row['compile_seconds']:>9.1f} "
                 f"{row['sequences_per_s']:>8.2f} {row['ms_per_token']:>9.1f}")
+        if "scan_decoder_seconds" in row:
+            line += f" {1000 * row['scan_decoder_seconds'] / NEW_TOKENS:>11.1f}"
         if hf:
             h = hf[i]
             row["hf_seconds"] = h["seconds"]

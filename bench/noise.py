@@ -70,31 +70,10 @@ def bench_preset(name, tokens, word_starts, rounds: int, calls: int):
 
 
 def bench_train_step(batch: int, length: int, vocab: int, repeats: int):
-    """Seconds of one jitted bart-base forward+backward at [batch, length] (None if no model)."""
-    try:
-        from bart_jax import Bart, init_params, preset
-    except ImportError:
-        return None
-    cfg = preset("bart-base", vocab_size=vocab, dropout=0.0)
-    params = init_params(cfg)
-    model = Bart(cfg)
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(3, vocab, (batch, length)), jnp.int32)
-    labels = jnp.asarray(rng.integers(3, vocab, (batch, length)), jnp.int32)
-    mask = jnp.ones_like(ids)
+    """Seconds of one jitted bart-base forward+backward at [batch, length] source and target."""
+    from forward import train_step_time  # bench/forward.py, this script's directory
 
-    def loss(p):
-        logits = model.apply({"params": p}, ids, mask, labels, mask)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1))
-
-    step = jax.jit(jax.value_and_grad(loss))
-    jax.block_until_ready(step(params))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(params))
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return train_step_time("bart-base", batch, length, length, repeats=repeats, vocab_size=vocab)["step_s"]
 
 
 def main(argv=None):
