@@ -83,7 +83,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--presets", default=",".join(NOISE_PRESETS))
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--calls", type=int, default=100)
     ap.add_argument("--train-batch", type=int, default=2, help="batch of the timed train step (0: skip)")
     ap.add_argument("--train-repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/out/noise.json")

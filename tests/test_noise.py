@@ -187,6 +187,24 @@ def test_fallback_when_a_row_has_more_sentences_than_the_fast_path_holds():
     assert not np.array_equal(expected[0], tokens[0])
 
 
+def test_fallback_when_a_row_has_more_zero_length_spans_than_the_fast_path_holds():
+    length = 160
+    cfg = config("text_infilling", random_ratio=0.5)
+    sizes = noise_sizes(length, cfg)
+    many = sizes.zero_span_cap + 3  # leading zero-length draws: inserts beyond the fast path's bound
+    assert many + 8 <= sizes.span_draws
+    tokens = rows(seed=5, length=length, batch=3)
+    draws = _sample(noise_key(4, 2), jnp.arange(3), length, V, cfg)
+    span_lengths = np.array(draws.span_lengths)
+    span_lengths[0, :many] = 0
+    span_lengths[0, many:] = np.maximum(span_lengths[0, many:], 6)
+    draws = draws._replace(span_lengths=jnp.asarray(span_lengths))
+    fast, _ = _apply(jnp.asarray(tokens), jnp.asarray(WORD_STARTS), draws, cfg)
+    expected = forced_reference(tokens, cfg, draws)
+    np.testing.assert_array_equal(np.asarray(fast), expected)
+    assert (expected[0] == R.MASK).sum() + np.isin(expected[0], tokens[0], invert=True).sum() > many
+
+
 def hand_draws(cfg: NoiseConfig, length: int, **fields):
     """Draws for one row, every field zero-ish, then the given fields (numpy arrays) set."""
     base = _sample(noise_key(0, 0), jnp.arange(1), length, V, cfg)

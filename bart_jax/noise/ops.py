@@ -21,7 +21,7 @@ microseconds per kernel and is slow at gathers with computed indices) comes from
   where a row breaks these bounds reruns through the exact full-sort pipeline (`lax.cond`), which
   computes the same result;
 - Floyd's algorithm for the few inserted tokens (no sort);
-- span coverage as a running sum of +1/-1 at span edges in token space (no per-token gathers);
+- span coverage as a running sum of +1/-1 at span edges in word space, read by each token with one gather;
 - gathers/scatters on the flattened batch and float32-matmul cumulative sums;
 - random bits from a keyed counter hash (seeded per row from the key's threefry words and the row id),
   a few integer operations per word instead of threefry's twenty rounds.
@@ -56,6 +56,7 @@ class NoiseSizes(NamedTuple):
     source_length: int  # S: encoder length
     sentence_cap: int  # fast path: rows with at most this many sentences
     word_cap: int  # fast path: candidate word starts sorted per row
+    zero_span_cap: int  # fast path: zero-length spans (inserts) per row
 
 
 class NoiseDraws(NamedTuple):
@@ -110,6 +111,16 @@ def _candidate_cap(expected: float, limit: int) -> int:
     return max(1, min(limit, int(math.ceil(mean + 5.0 * math.sqrt(mean) + 8.0))))
 
 
+def _zero_span_cap(zero_spans: int, poisson_lambda: float) -> int:
+    """Fast-path bound on a row's zero-length spans: at most `zero_spans` draws, each zero with fairseq's
+    truncated-Poisson probability; mean + 6 standard deviations + 6 (a row exceeds it with probability
+    below 1e-9 at the paper's lambda, and such a batch reruns exactly)."""
+    p = span_length_pmf(poisson_lambda)
+    p0 = float(p[0] / p.sum())
+    mean = zero_spans * p0
+    return max(1, min(zero_spans, int(math.ceil(mean + 6.0 * math.sqrt(mean * (1.0 - p0)) + 6.0))))
+
+
 def index_bits(width: int) -> int:
     """Low priority bits that hold the slot index of a `width`-slot random order."""
     return max(1, (width - 1).bit_length())
@@ -140,6 +151,7 @@ def noise_sizes(length: int, cfg: NoiseConfig) -> NoiseSizes:
         source_length=cfg.source_length if cfg.source_length is not None else length,
         sentence_cap=min(length, max(64, length // 8)),
         word_cap=_candidate_cap(spans, length),
+        zero_span_cap=_zero_span_cap(zero_spans, cfg.poisson_lambda) if poisson else 0,
     )
 
 
@@ -335,22 +347,23 @@ def whole_word_mask(tokens, n, word_starts, draws: NoiseDraws, cfg: NoiseConfig,
     randomised = jnp.zeros(start.shape, bool)
     if draws.span_random is not None:
         randomised = _fit(draws.span_random, R) < cfg.random_ratio
-    # A span ends (exclusive) at the first token of word number word[start] + length, or at </s>.
-    first_token = P.put(L, jnp.where(is_start, word - 1, L), pos, 0)  # word slot -> its first token
-    after = start_word + length  # 1-based word number after the span
-    end = jnp.where(after <= num_words[:, None], P.take(first_token, after - 1), n[:, None] - 1)
-    # Spans covering each token: a running sum of +1 at span starts and -1 at span ends. The same
-    # scatter leaves at each span start: 1 | random flag << 1 | its random token << 2 (replace_length 1).
-    edges = jnp.concatenate([jnp.where(is_span, start, L + 1), jnp.where(is_span, end, L + 1)], axis=1)
+    # Coverage in word space: a running sum of +1 at a span's first word and -1 after its last (spans
+    # running past the last word end at </s>, which `interior` excludes). The same scatter leaves at
+    # each span's first word: 1 | random flag << 1 | its random token << 2 (replace_length 1). Tokens
+    # then read their word's entry (one gather; a token-space scatter of span ends cost more).
+    first = start_word - 1  # 0-based word slot of each span's first word
+    edges = jnp.concatenate([jnp.where(is_span, first, L), jnp.where(is_span, first + length, L)], axis=1)
     info = jnp.zeros_like(start)
     if cfg.replace_length == 1:
         token_r = _fit(draws.mask_tokens, R) if draws.mask_tokens is not None else jnp.zeros_like(start)
         info = 1 | (randomised.astype(jnp.int32) << 1) | (token_r << 2)
     change = jnp.stack([jnp.concatenate([jnp.ones_like(start), -jnp.ones_like(start)], axis=1),
                         jnp.concatenate([info, jnp.zeros_like(info)], axis=1)], axis=-1)
-    at_edges = P.put_add_columns(L + 1, edges, change)
-    cover = P.cumsum(at_edges[:, :L, 0])
-    info = at_edges[:, :L, 1]
+    at_edges = P.put_add_columns(L, edges, change)  # [B, word slot, (edge sum, info)]
+    per_word = jnp.stack([P.cumsum(at_edges[..., 0]), at_edges[..., 1]], axis=-1)
+    per_token = P.take_columns(per_word, word - 1)
+    cover = jnp.where(word > 0, per_token[..., 0], 0)
+    info = jnp.where(is_start, per_token[..., 1], 0)
     covered = interior & (cover > 0)
     if cfg.replace_length == -1:
         if draws.mask_tokens is None:
@@ -424,12 +437,19 @@ def _noise(tokens, word_starts, draws: NoiseDraws, cfg: NoiseConfig, sizes: Nois
         x, n, num_inserts, good = whole_word_mask(x, n, word_starts, draws, cfg, sizes, fast)
         ok = ok & good
         if draws.zero_span_slots is not None:
-            x, n = insert_tokens(x, n, num_inserts, draws.zero_span_slots, draws.zero_span_random,
-                                 draws.zero_span_tokens, sizes.masked_length, cfg)
+            zero_draws = (draws.zero_span_slots, draws.zero_span_random, draws.zero_span_tokens)
+            width = sizes.masked_length
+            if fast:  # a few inserts per row: Floyd's picks are a prefix of its draws, so cut them short
+                cap = sizes.zero_span_cap
+                ok = ok & (num_inserts <= cap)
+                num_inserts = jnp.minimum(num_inserts, cap)
+                zero_draws = tuple(None if d is None else d[:, :cap] for d in zero_draws)
+                width = sizes.length + cap
+            x, n = insert_tokens(x, n, num_inserts, *zero_draws, width, cfg)
     if draws.insert_slots is not None:
         num = jnp.where(n >= 2, P.ceil_ratio(n, cfg.insert_ratio), 0)
         x, n = insert_tokens(x, n, num, draws.insert_slots, draws.insert_random, draws.insert_tokens,
-                             sizes.inserted_length, cfg)
+                             x.shape[1] + sizes.inserts, cfg)
     if draws.rotate is not None:
         x = rotate_document(x, n, draws.rotate, cfg)
     S = sizes.source_length
