@@ -6,9 +6,9 @@ batch 1 and 8. bart_jax's compile time is reported separately (AOT lower + compi
 best of --repeats calls after a warm-up (the minimum is the most robust to other load on a shared machine),
 and each case runs bart_jax then HF back to back so both see the same machine state. 'scan ms/tok' is the
 same generation with the scan-over-layers cached decoder (`generate(..., scan_decoder=True)`), which slices
-every layer's weights out of the stacked arrays at every step. If --hf-python names an interpreter with torch + transformers
-(it runs as a subprocess, so this project never imports torch), HF `generate` runs the same configuration
-and the table shows the speed ratio measured in the same run.
+every layer's weights out of the stacked arrays at every step. If --hf-python names an interpreter with
+torch + transformers (it runs as a subprocess, so this project never imports torch), HF `generate` runs
+the same configuration and the table shows the speed ratio measured in the same run.
 
 On a GPU it also runs the XSum shape (bart-large, source 1024, beam 6, batch 32, bfloat16, max_length 62)
 and compares with NVIDIA's published 17.7 sequences/s on A100 (DeepLearningExamples BART, FP16/AMP).

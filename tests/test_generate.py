@@ -29,7 +29,8 @@ EOS, PAD, BOS = 2, 1, 0
 
 
 # ----------------------------------------------------------------------------- HF parity
-@pytest.mark.parametrize("name,scan_decoder", [(name, False) for name in GENERATION_FIXTURES] + [("bart_default", True)])
+@pytest.mark.parametrize("name,scan_decoder",
+                         [(name, False) for name in GENERATION_FIXTURES] + [("bart_default", True)])
 def test_hugging_face_parity(name, scan_decoder):
     """Token ids identical to HF PyTorch generate for every stored control set; scores within 1e-4.
     The default unrolled cached decoder on every fixture, the scan-over-layers one on bart_default."""

@@ -97,9 +97,11 @@ def generate_ids(config: BartConfig, params, input_ids, attention_mask, controls
     layer_params = None if scan_decoder else decoder_layer_params(config, params)
 
     def step_fn(token_ids, index, cache):
-        return model.apply(variables, token_ids, index, cache, attention_mask, layer_params, method="decode_step")
+        return model.apply(variables, token_ids, index, cache, attention_mask, layer_params,
+                           method="decode_step")
 
-    sequences, scores = search(step_fn, cache, input_ids.shape[0], controls, cache_beam_axes(not scan_decoder), rng)
+    beam_axes = cache_beam_axes(per_layer=not scan_decoder)
+    sequences, scores = search(step_fn, cache, input_ids.shape[0], controls, beam_axes, rng)
     return GenerateOutput(sequences, scores)
 
 
@@ -114,8 +116,9 @@ def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=
     sampling (default PRNGKey(0)). scan_decoder: run the cached decoder as a scan over the stacked layers
     (one compiled layer body: for very deep decoders where compile time matters) instead of the default
     unrolled layers over per-layer weight buffers split once per call (no per-step weight copies; MaxText
-    serves unscanned layers for the same reason). Same results either way. Returns GenerateOutput(sequences int32 [B, R, max_length] with the
-    decoder start token first and pad after EOS, scores float32 [B, R]).
+    serves unscanned layers for the same reason). Same results either way.
+    Returns GenerateOutput(sequences int32 [B, R, max_length] with the decoder start token first and pad
+    after EOS, scores float32 [B, R]).
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
