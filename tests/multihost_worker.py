@@ -9,8 +9,6 @@ rows of every global batch, saves and restores a checkpoint, and (process 0) wri
 import json
 import sys
 
-import numpy as np
-
 MESH = (2, 2, 2)
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -18,19 +16,9 @@ GLOBAL_BATCH = 8
 
 def global_batches(model, steps=STEPS, batch=GLOBAL_BATCH, length=16):
     """The same global batches in every process (each process then keeps only its rows)."""
-    from bart_jax.model import shift_tokens_right
+    from toy_batches import padded_batches  # this script's directory
 
-    out = []
-    for seed in range(steps):
-        r = np.random.RandomState(200 + seed)
-        ids = r.randint(5, model.vocab_size, size=(batch, length)).astype(np.int32)
-        lens = r.randint(3, length + 1, size=batch)
-        mask = (np.arange(length)[None] < lens[:, None]).astype(np.int32)
-        ids = np.where(mask == 1, ids, 1)
-        dec = np.asarray(shift_tokens_right(ids, 1, 2))
-        out.append(dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
-                        decoder_attention_mask=(dec != 1).astype(np.int32), labels=ids))
-    return out
+    return padded_batches(model.vocab_size, steps, batch, length, seed=200)
 
 
 def train(mesh_shape=MESH, ckpt_dir=None):

@@ -8,28 +8,19 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from bart_jax import preset
-from bart_jax.model import param_logical_axes, shift_tokens_right
+from bart_jax.model import param_logical_axes
 from bart_jax.train import config as C
 from bart_jax.train import optim, partitioning
 from bart_jax.train.state import abstract_params, create_train_state
 from bart_jax.train.step import compile_train_step, make_train_step
+from toy_batches import padded_batches
 
 MODEL = preset("tiny", dropout=0.0, vocab_size=128, max_position_embeddings=32)
 STEPS = 3
 
 
 def batches(n=STEPS, batch=8, length=16):
-    out = []
-    for seed in range(n):
-        r = np.random.RandomState(100 + seed)
-        ids = r.randint(5, MODEL.vocab_size, size=(batch, length)).astype(np.int32)
-        lens = r.randint(3, length + 1, size=batch)
-        mask = (np.arange(length)[None] < lens[:, None]).astype(np.int32)
-        ids = np.where(mask == 1, ids, 1)
-        dec = np.asarray(shift_tokens_right(ids, 1, 2))
-        out.append(dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
-                        decoder_attention_mask=(dec != 1).astype(np.int32), labels=ids))
-    return out
+    return padded_batches(MODEL.vocab_size, n, batch, length, seed=100)
 
 
 def train(mesh):
