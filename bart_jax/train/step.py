@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from bart_jax.config import BartConfig
 from bart_jax.train import partitioning
+from bart_jax.train.optim import zero_frozen
 from bart_jax.train.state import TrainState
 
 # batch_fn(raw_batch, index) -> model batch. `index` is an int32 scalar (the train step, or the eval
@@ -127,6 +128,9 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
             (grads, loss, nll, correct), _ = jax.lax.scan(
                 body, init, (jnp.arange(micro_batches), micro))
 
+        # Frozen leaves (final_logits_bias, a buffer in Hugging Face) have no gradient: the reported norm
+        # and the non-finite guard see what PyTorch would.
+        grads = zero_frozen(grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         apply = finite & (total_tokens > 0)
