@@ -205,9 +205,10 @@ def hf_state_dict_to_params(config: BartConfig, state: dict[str, np.ndarray], so
     return _unflatten(flat)
 
 
-def params_to_hf_state_dict(config: BartConfig, params) -> dict[str, np.ndarray]:
-    """bart_jax params -> Hugging Face `BartForConditionalGeneration` tensors (float32, logical vocab)."""
-    flat = {k: np.asarray(v, dtype=np.float32) for k, v in _flatten(params).items()}
+def params_to_hf_state_dict(config: BartConfig, params, dtype=np.float32) -> dict[str, np.ndarray]:
+    """bart_jax params (or any tree like them, e.g. gradients) -> Hugging Face
+    `BartForConditionalGeneration` tensors (`dtype`, logical vocab)."""
+    flat = {k: np.asarray(v, dtype=dtype) for k, v in _flatten(params).items()}
     vocab = config.vocab_size
     out = {"model.shared.weight": flat["shared/embedding"][:vocab],
            "final_logits_bias": flat["final_logits_bias"][:vocab][None, :]}

@@ -1,13 +1,21 @@
-"""Training throughput and MFU of the bart_jax train step, with a PyTorch (Hugging Face) reference.
+"""Training throughput, MFU and compile time of the bart_jax train step, beside PyTorch and HF Flax.
 
-    python bench/train.py [--shapes tiny,bart-base] [--dtypes float32,bfloat16] [--out bench/out/train.json]
+    python bench/train.py [--shapes d256x3,bart-base-512,bart-base] [--dtypes float32,bfloat16]
+                          [--threads N] [--out bench/out/train.json]
 
 For each model shape and compute dtype: one jitted train step (AdamW, label smoothing 0.1, dropout 0.1,
 fp32 master weights) on one device, timed over several steps after compilation. MFU = model FLOPs per
 step (bart_jax.train.flops: 6 x matmul FLOPs of the forward pass) / step time / the matmul FLOP/s measured
 here, in the same run, in the same dtype. If /work/refvenv/bin/python (or --torch-python) has torch +
-transformers, the same model and batch are trained with BartForConditionalGeneration + torch.optim.AdamW
-(bf16 via CPU autocast) and the throughput ratio is reported.
+transformers, the same model config and batch are trained in the same run by two peers, each in a
+subprocess of that python: PyTorch (BartForConditionalGeneration + torch.optim.AdamW, bf16 via CPU
+autocast) and HF Flax (FlaxBartForConditionalGeneration, random weights, a jitted value_and_grad +
+optax.adamw step, `dtype=bfloat16` compute with fp32 parameters for bf16); throughput ratios are reported
+against both.
+
+Compile time, for all three: `lower_s` + `compile_s` (jit(...).lower(...) and .compile(), the JAX runs)
+and `first_step_s`, the wall time from the start of lowering (PyTorch: from the first call) to the first
+finished step. --threads limits every run (ours, both peers) to N CPUs (affinity + torch threads).
 """
 
 from __future__ import annotations
@@ -19,23 +27,38 @@ import subprocess
 import sys
 import time
 
-# Shapes: (preset, batch, length) with source length = target length = length.
-SHAPES = {"tiny": ("tiny", 16, 128), "bart-base": ("bart-base", 4, 128), "bart-large": ("bart-large", 2, 128)}
+# Shapes: name -> (preset, preset overrides, batch, source length, target length).
+SHAPES = {
+    "tiny": ("tiny", {}, 16, 128, 128),
+    # the main job's default model: d 256 x 3+3 layers
+    "d256x3": ("tiny", dict(d_model=256, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                            decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
+                            max_position_embeddings=512), 8, 256, 64),
+    "bart-base-512": ("bart-base", {}, 4, 512, 128),
+    "bart-base": ("bart-base", {}, 4, 128, 128),
+    "bart-large": ("bart-large", {}, 2, 128, 128),
+}
+DEFAULT_SHAPES = "d256x3,bart-base-512,bart-base"
 
+# Peers run as `python -c SCRIPT config_json batch src_len tgt_len dtype steps warmup threads` and print
+# one JSON line. Both draw the batch the same way (torch.randint with seed 0, as ids in [4, vocab)).
 TORCH_SCRIPT = r"""
 import json, os, sys, time
+cfg_json, dtype = sys.argv[1], sys.argv[5]
+batch, src, tgt = map(int, sys.argv[2:5])
+steps, warmup, threads = map(int, sys.argv[6:9])
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
 import torch
 from transformers import BartConfig, BartForConditionalGeneration
-cfg_json, batch, length, dtype, steps, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
-torch.set_num_threads(os.cpu_count())
+torch.set_num_threads(threads)
 torch.manual_seed(0)
 model = BartForConditionalGeneration(BartConfig(**json.loads(cfg_json)))
 model.train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 g = torch.Generator().manual_seed(0)
 vocab = model.config.vocab_size
-ids = torch.randint(4, vocab, (batch, length), generator=g)
-labels = torch.randint(4, vocab, (batch, length), generator=g)
+ids = torch.randint(4, vocab, (batch, src), generator=g)
+labels = torch.randint(4, vocab, (batch, tgt), generator=g)
 mask = torch.ones_like(ids)
 loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 def step():
@@ -46,13 +69,69 @@ def step():
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
-for _ in range(warmup):
+t = time.perf_counter()
+loss = step()
+first = time.perf_counter() - t
+for _ in range(warmup - 1):
     step()
 t = time.perf_counter()
 for _ in range(steps):
-    step()
+    loss = step()
 dt = (time.perf_counter() - t) / steps
-print(json.dumps({"step_s": dt, "tokens_per_s": batch * 2 * length / dt}))
+print(json.dumps({"step_s": dt, "tokens_per_s": batch * (src + tgt) / dt, "lower_s": None, "compile_s": None,
+                  "first_step_s": first, "loss": float(loss)}))
+"""
+
+FLAX_SCRIPT = r"""
+import json, os, sys, time
+cfg_json, dtype = sys.argv[1], sys.argv[5]
+batch, src, tgt = map(int, sys.argv[2:5])
+steps, warmup, threads = map(int, sys.argv[6:9])
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])  # before XLA sizes its thread pool
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax, jax.numpy as jnp, optax, torch
+from transformers import BartConfig, FlaxBartForConditionalGeneration
+from transformers.models.bart.modeling_flax_bart import shift_tokens_right
+config = BartConfig(**json.loads(cfg_json))
+model = FlaxBartForConditionalGeneration(config, seed=0, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+g = torch.Generator().manual_seed(0)  # the same batch as the PyTorch peer
+vocab = config.vocab_size
+ids = jnp.asarray(torch.randint(4, vocab, (batch, src), generator=g).numpy(), jnp.int32)
+labels = jnp.asarray(torch.randint(4, vocab, (batch, tgt), generator=g).numpy(), jnp.int32)
+dec = jnp.asarray(shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id))
+mask = jnp.ones_like(ids)
+tx = optax.adamw(1e-4, weight_decay=0.01)
+params = model.params
+opt_state = tx.init(params)
+def loss_fn(params, rng):
+    logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, params=params, dropout_rng=rng,
+                   train=True).logits.astype(jnp.float32)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, vocab), 0.1)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+def train_step(params, opt_state, rng):
+    rng, sub = jax.random.split(rng)
+    loss, grads = jax.value_and_grad(loss_fn)(params, sub)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, rng, loss
+rng = jax.random.PRNGKey(0)
+t0 = time.perf_counter()
+lowered = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, rng)
+t1 = time.perf_counter()
+step = lowered.compile()
+t2 = time.perf_counter()
+params, opt_state, rng, loss = step(params, opt_state, rng)
+jax.block_until_ready(loss)
+first = time.perf_counter() - t0
+for _ in range(warmup - 1):
+    params, opt_state, rng, loss = step(params, opt_state, rng)
+jax.block_until_ready(loss)
+t = time.perf_counter()
+for _ in range(steps):
+    params, opt_state, rng, loss = step(params, opt_state, rng)
+jax.block_until_ready(loss)
+dt = (time.perf_counter() - t) / steps
+print(json.dumps({"step_s": dt, "tokens_per_s": batch * (src + tgt) / dt, "lower_s": t1 - t0, "compile_s": t2 - t1,
+                  "first_step_s": first, "loss": float(loss)}))
 """
 
 
@@ -74,8 +153,8 @@ def bench_jax(name: str, dtype: str, steps: int, warmup: int) -> dict:
     from bart_jax.train.state import abstract_params, create_train_state
     from bart_jax.train.step import compile_train_step, make_train_step
 
-    preset_name, batch, length = SHAPES[name]
-    model = preset(preset_name, dtype=dtype, param_dtype="float32", dropout=0.1)
+    preset_name, overrides, batch, src, tgt = SHAPES[name]
+    model = preset(preset_name, **{**overrides, "dtype": dtype, "param_dtype": "float32", "dropout": 0.1})
     mesh = partitioning.make_mesh(C.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     optimizer, schedule = optim.make_optimizer(
         C.OptimizerConfig(name="adamw", learning_rate=1e-4, clip_norm=0.0), C.ScheduleConfig(decay="constant"),
@@ -83,52 +162,73 @@ def bench_jax(name: str, dtype: str, steps: int, warmup: int) -> dict:
     state, shardings = create_train_state(model, optimizer, mesh, seed=0)
     step = compile_train_step(make_train_step(model, optimizer, schedule, label_smoothing=0.1), shardings, mesh)
     rng = np.random.RandomState(0)
-    ids = rng.randint(4, model.vocab_size, (batch, length)).astype(np.int32)
-    labels = rng.randint(4, model.vocab_size, (batch, length)).astype(np.int32)
+    ids = rng.randint(4, model.vocab_size, (batch, src)).astype(np.int32)
+    labels = rng.randint(4, model.vocab_size, (batch, tgt)).astype(np.int32)
     dec = np.asarray(shift_tokens_right(labels, model.pad_token_id, model.decoder_start_token_id))
     data = jax.device_put(dict(input_ids=ids, attention_mask=np.ones_like(ids), decoder_input_ids=dec,
                                decoder_attention_mask=np.ones_like(dec), labels=labels),
                           partitioning.batch_sharding(mesh))
+    start = time.perf_counter()
+    lowered = step.lower(state, data)
+    lower_s = time.perf_counter() - start
     t0 = time.perf_counter()
-    for _ in range(warmup):
-        state, metrics = step(state, data)
-    jax.block_until_ready(metrics)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
+    first_step_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, metrics = step(state, data)
+        state, metrics = compiled(state, data)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - t0) / steps
-    step_flops = flops.train_step_flops(model, batch, length, length)
-    return {"shape": name, "dtype": dtype, "batch": batch, "length": length, "step_s": step_s,
-            "warmup_s": compile_s, "tokens_per_s": batch * 2 * length / step_s, "model_flops_per_step": step_flops,
+    step_flops = flops.train_step_flops(model, batch, src, tgt)
+    return {"shape": name, "dtype": dtype, "batch": batch, "source_length": src, "target_length": tgt,
+            "step_s": step_s, "lower_s": lower_s, "compile_s": compile_s, "first_step_s": first_step_s,
+            "tokens_per_s": batch * (src + tgt) / step_s, "model_flops_per_step": step_flops,
             "model_flops_per_s": step_flops / step_s, "loss": float(metrics["loss"]), "config": hf_config(model)}
 
 
-def bench_torch(python: str, result: dict, steps: int, warmup: int) -> dict | None:
+def bench_peer(label: str, script: str, python: str, result: dict, steps: int, warmup: int,
+               threads: int) -> dict | None:
+    """Run a peer script (TORCH_SCRIPT / FLAX_SCRIPT) in `python` on the same config and batch shape."""
+    argv = [python, "-c", script, json.dumps(result["config"]), str(result["batch"]), str(result["source_length"]),
+            str(result["target_length"]), result["dtype"], str(steps), str(warmup), str(threads)]
     try:
-        out = subprocess.run([python, "-c", TORCH_SCRIPT, json.dumps(result["config"]), str(result["batch"]),
-                              str(result["length"]), result["dtype"], str(steps), str(warmup)],
-                             capture_output=True, text=True, timeout=900)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"torch reference failed: {e}", file=sys.stderr)
+        print(f"{label} peer failed: {e}", file=sys.stderr)
         return None
     if out.returncode != 0:
-        print(f"torch reference failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+        print(f"{label} peer failed:\n{out.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _fmt(x, spec, missing="n/a"):
+    return missing if x is None else format(x, spec)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="tiny,bart-base", help=f"comma list of {sorted(SHAPES)}")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma list of {sorted(SHAPES)}")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first compiles)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1: the first compiles)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPUs for every run (ours and peers)")
     parser.add_argument("--torch-python", default="/work/refvenv/bin/python",
-                        help="python with torch + transformers for the reference ('' to skip)")
+                        help="python with torch + transformers (+ jax, flax, optax for the HF Flax peer); "
+                             "'' to skip both peers")
+    parser.add_argument("--peers", default="torch,flax", help="comma list of peers to run: torch, flax")
     parser.add_argument("--out", default=os.path.join("bench", "out", "train.json"))
     args = parser.parse_args(argv)
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first step compiles)")
+    # Before jax starts: XLA sizes its CPU thread pool from the affinity mask.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
 
     import jax
     import jax.numpy as jnp
@@ -137,42 +237,59 @@ def main(argv=None) -> int:
 
     shapes = [s for s in args.shapes.split(",") if s]
     dtypes = [d for d in args.dtypes.split(",") if d]
+    peers = [p for p in args.peers.split(",") if p]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         parser.error(f"unknown shapes {unknown}; expected some of {sorted(SHAPES)}")
+    if set(peers) - {"torch", "flax"}:
+        parser.error(f"--peers: expected torch and/or flax, got {peers}")
     device = jax.devices()[0]
     peaks = {d: measure_matmul_flops(getattr(jnp, d), size=2048, seconds=1.0) for d in dtypes}
-    use_torch = bool(args.torch_python) and os.path.exists(args.torch_python)
+    use_peers = bool(args.torch_python) and os.path.exists(args.torch_python)
+    scripts = {"torch": TORCH_SCRIPT, "flax": FLAX_SCRIPT}
     rows = []
     for name in shapes:
         for dtype in dtypes:
             r = bench_jax(name, dtype, args.steps, args.warmup)
             r["matmul_peak_flops"] = peaks[dtype]
             r["mfu"] = r["model_flops_per_s"] / peaks[dtype]
-            ref = bench_torch(args.torch_python, r, args.steps, args.warmup) if use_torch else None
-            r["torch"] = ref
-            r["speedup_vs_torch"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+            for peer in ("torch", "flax"):
+                ref = (bench_peer(peer, scripts[peer], args.torch_python, r, args.steps, args.warmup, args.threads)
+                       if use_peers and peer in peers else None)
+                r[peer] = ref
+                r[f"speedup_vs_{peer}"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
             rows.append(r)
             print(f"done {name} {dtype}: {r['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
 
-    header = (f"{'shape':<10} {'dtype':<9} {'B x L':>8} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} "
-              f"{'peak TF/s':>9} {'MFU':>6} {'torch tok/s':>11} {'vs torch':>8}")
-    print(f"device: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores; "
+    header = (f"{'shape':<13} {'dtype':<9} {'B x (S+T)':>12} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} "
+              f"{'peak TF/s':>9} {'MFU':>6} {'torch tok/s':>11} {'vs torch':>8} {'flax tok/s':>10} {'vs flax':>7}")
+    print(f"device: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores, {args.threads} used; "
           "tokens = source + target positions; MFU vs matmul peak measured in this run")
     print(header)
     print("-" * len(header))
     for r in rows:
-        t = r["torch"]
-        torch_tps = f"{t['tokens_per_s']:.0f}" if t else "n/a"
-        ratio = f"{r['speedup_vs_torch']:.2f}x" if t else "n/a"
-        print(f"{r['shape']:<10} {r['dtype']:<9} {r['batch']:>3}x{r['length']:<4} {r['step_s']:>8.3f} "
+        t, f = r["torch"], r["flax"]
+        shape = f"{r['batch']}x({r['source_length']}+{r['target_length']})"
+        print(f"{r['shape']:<13} {r['dtype']:<9} {shape:>12} {r['step_s']:>8.3f} "
               f"{r['tokens_per_s']:>10.0f} {r['model_flops_per_s'] / 1e12:>8.3f} "
-              f"{r['matmul_peak_flops'] / 1e12:>9.3f} {100 * r['mfu']:>5.1f}% {torch_tps:>11} {ratio:>8}")
+              f"{r['matmul_peak_flops'] / 1e12:>9.3f} {100 * r['mfu']:>5.1f}% "
+              f"{_fmt(t and t['tokens_per_s'], '.0f'):>11} {_fmt(r['speedup_vs_torch'], '.2f') + 'x':>8} "
+              f"{_fmt(f and f['tokens_per_s'], '.0f'):>10} {_fmt(r['speedup_vs_flax'], '.2f') + 'x':>7}")
+    header = (f"{'shape':<13} {'dtype':<9} | {'bart_jax lower':>14} {'compile':>8} {'1st step':>8} | "
+              f"{'HF Flax lower':>13} {'compile':>8} {'1st step':>8} | {'torch 1st step':>14}")
+    print("\ncompile time, seconds (1st step: from the start of lowering to the first finished step)")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        f, t = r["flax"] or {}, r["torch"] or {}
+        print(f"{r['shape']:<13} {r['dtype']:<9} | {r['lower_s']:>14.2f} {r['compile_s']:>8.2f} "
+              f"{r['first_step_s']:>8.2f} | {_fmt(f.get('lower_s'), '.2f'):>13} {_fmt(f.get('compile_s'), '.2f'):>8} "
+              f"{_fmt(f.get('first_step_s'), '.2f'):>8} | {_fmt(t.get('first_step_s'), '.2f'):>14}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    with open(args.out, "w") as fh:
         json.dump({"device": str(device.device_kind), "platform": device.platform, "cpu_count": os.cpu_count(),
-                   "matmul_peak_flops": peaks, "results": [{k: v for k, v in r.items() if k != "config"}
-                                                           for r in rows]}, f, indent=2)
+                   "threads": args.threads, "matmul_peak_flops": peaks,
+                   "results": [{k: v for k, v in r.items() if k != "config"} for r in rows]}, fh, indent=2)
     print(f"wrote {args.out}")
     return 0
 

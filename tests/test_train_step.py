@@ -111,6 +111,25 @@ def test_nonfinite_step_is_skipped_and_counted():
     assert int(state.step) == 3 and int(state.updates) == 1
 
 
+def test_final_logits_bias_is_frozen():
+    """A buffer in Hugging Face: never changes, gets no gradient and holds no optimizer state."""
+    opt = C.OptimizerConfig(name="adamw", learning_rate=0.1, weight_decay=0.1, clip_norm=1.0)
+    state, step, sharding = setup(opt=opt)
+    bias = np.random.RandomState(0).normal(size=state.params["final_logits_bias"].shape).astype(np.float32)
+    params = {**jax.device_get(state.params), "final_logits_bias": bias}
+    state = state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params)))
+    before = jax.device_get(state.params)
+    state, ms = run(state, step, sharding, [model_batch(s) for s in (10, 11, 12)])
+    after = jax.device_get(state.params)
+    assert all(m["skipped"] == 0 for m in ms) and int(state.updates) == 3
+    np.testing.assert_array_equal(after["final_logits_bias"], bias)  # bitwise
+    fc2 = lambda p: p["decoder"]["layers"]["ffn"]["fc2"]["bias"]  # noqa: E731
+    assert not np.allclose(fc2(after), fc2(before))  # other biases do train
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)]
+    assert any("fc2" in p for p in paths)
+    assert not [p for p in paths if "final_logits_bias" in p]
+
+
 def test_bf16_compute_keeps_fp32_master_weights():
     bf16 = MODEL.replace(dtype="bfloat16", param_dtype="float32")
     state, step, sharding = setup(bf16)

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from bart_jax.config import BartConfig
 from bart_jax.train import partitioning
+from bart_jax.train.optim import zero_frozen
 from bart_jax.train.state import TrainState
 
 # batch_fn(raw_batch, index) -> model batch. `index` is an int32 scalar (the train step, or the eval
@@ -30,12 +31,12 @@ def identity_batch(batch: dict, index) -> dict:
 def loss_sums(logits, labels, pad_id: int, label_smoothing: float):
     """Label-smoothed cross-entropy summed over real target tokens.
 
-    logits: f32 [B, T, V] over the logical vocabulary; labels: int [B, T] (pad_id or a negative id marks
+    logits: f32 (or f64) [B, T, V] over the logical vocabulary; labels: int [B, T] (pad_id or a negative id marks
     positions without loss). The smoothed target puts `label_smoothing` mass uniformly over all V
     classes: loss_t = (1 - eps) * nll_t + eps * mean_v(-log p_v).
-    Returns f32 scalars (smoothed_sum, nll_sum, correct_sum) and int32 token count.
+    Returns f32 (f64 for f64 logits) scalars (smoothed_sum, nll_sum, correct_sum) and int32 token count.
     """
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # float64 stays float64
     mask = (labels != pad_id) & (labels >= 0)
     safe = jnp.where(mask, labels, 0)
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -107,7 +108,7 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
                 return sm / denom, (nll, correct)
 
             (loss, (nll, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+            grads = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), grads)
             return grads, loss, nll, correct
 
         if micro_batches == 1:
@@ -127,6 +128,9 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
             (grads, loss, nll, correct), _ = jax.lax.scan(
                 body, init, (jnp.arange(micro_batches), micro))
 
+        # Frozen leaves (final_logits_bias, a buffer in Hugging Face) have no gradient: the reported norm
+        # and the non-finite guard see what PyTorch would.
+        grads = zero_frozen(grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         apply = finite & (total_tokens > 0)
