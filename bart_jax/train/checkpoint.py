@@ -135,6 +135,9 @@ class Checkpointer:
             return
         self._closed = True
         _OPEN.discard(self)
+        # The manager cleans old temporary directories in a thread started at construction, which
+        # close() does not join; left running at interpreter exit it fails loudly.
+        getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self.manager.wait_until_finished()
         self.manager.close()
 
