@@ -127,6 +127,14 @@ def _setup_row(name, tmp):
         (tmp / "p.jsonl").write_text(json.dumps({"document": "a b", "summary": "a"}) + "\n")
         return ["evaluate", "--checkpoint", os.path.join(FIXTURES, "bart_default"), "--data",
                 str(tmp / "p.jsonl"), "--output-dir", str(tmp / "afile" / "eval")]
+    if name == "tokenizer_out_under_file":
+        (tmp / "afile").write_text("mine")
+        (tmp / "c.txt").write_text("some text\n")
+        return ["tokenizer", "train", "--input", str(tmp / "c.txt"), "--out", str(tmp / "afile" / "tok")]
+    if name == "data_dir_under_file":
+        (tmp / "afile").write_text("mine")
+        (tmp / "c.txt").write_text("some text\n")
+        return ["data", "text", "--data-dir", str(tmp / "afile" / "d"), "--train", str(tmp / "c.txt")]
     raise KeyError(name)
 
 
@@ -154,6 +162,8 @@ ROWS = [
     ("data_pairs_all_empty", "data", r"split 'train': no non-empty examples .*empty_pairs': 3", False),
     ("tokenizer_empty_file", "tokenizer", "no text to train on", False),
     ("tokenizer_latin1_file", "tokenizer", r"latin.txt:1: undecodable bytes \(not UTF-8\)", False),
+    ("tokenizer_out_under_file", "tokenizer", r"--out .*afile is a file, not a directory", False),
+    ("data_dir_under_file", "data", r"--data-dir .*afile is a file, not a directory", False),
     ("generate_negative_source_length", "generate", r"--max-source-length=-5: must be >= 1", False),
     ("generate_output_under_file", "generate", r"--output .*afile is a file, not a directory", False),
     ("evaluate_output_dir_under_file", "evaluate", r"--output-dir .*afile is a file, not a directory", False),
@@ -171,6 +181,17 @@ def test_user_error_is_one_line_exit_2(row, command, message, no_workdir, tmp_pa
     assert {k: v for k, v in after.items() if k in before} == before, "a pre-existing file changed or vanished"
     if no_workdir:  # validation came before any tokenizer, dataset or directory work
         assert not os.path.exists(_workdir(tmp_path)) and not os.path.exists(tmp_path / "runs")
+
+
+def test_read_only_workdir_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A read-only file system (or a directory without write permission) as the workdir's parent. The
+    test runs as root on a writable disk, so access(2) is made to answer as a read-only mount would."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access",
+                        lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    assert main(["pretrain", f"workdir={tmp_path / 'run'}"]) == 2
+    _assert_one_line_error(capsys, "pretrain", r"is not writable \(read-only file system or no permission\)")
+    assert os.listdir(tmp_path) == []
 
 
 def test_debug_flag_reraises(tmp_path):

@@ -448,6 +448,9 @@ def cli_main(argv: list[str]) -> int:
 
     start = time.perf_counter()
     # User errors (bad or empty input) reach the `bart-jax` dispatcher: one line, exit code 2.
+    from bart_jax.errors import check_writable_dir
+
+    check_writable_dir(args.data_dir, "--data-dir")
     if args.command == "builtin":
         kinds = ("documents", "pairs") if args.kind == "both" else (args.kind,)
         prepared = [prepare_builtin(args.data_dir, kind, overwrite=args.overwrite) for kind in kinds]

@@ -340,6 +340,9 @@ def cli_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "train":
+        from bart_jax.errors import check_writable_dir
+
+        check_writable_dir(args.out, "--out")  # before the training, not after it
         if args.input:
             texts = args.input
         else:
