@@ -277,7 +277,11 @@ def test_evaluate_keeps_predictions_made_before_an_interrupt(tmp_path, monkeypat
     monkeypatch.setattr(decode_cli, "load_model_for_inference", tiny_model)
     argv = ["evaluate", "--checkpoint", os.path.join(FIXTURES, "bart_default"), "--data", str(pairs),
             "--split", "test", "--output-dir", str(tmp_path / "eval")]
-    assert main(argv) == 130
+    try:
+        rc = main(argv)
+    except KeyboardInterrupt:  # (would stop the whole pytest session)
+        pytest.fail("Ctrl-C escaped the CLI as a KeyboardInterrupt")
+    assert rc == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "bart-jax evaluate: interrupted"
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.test.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in rows] == ["prediction 0", "prediction 1"]
