@@ -11,6 +11,7 @@ continue exactly as if the run had not stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -341,8 +342,6 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) ->
                     else "")
             raise UserError(f"{stage}.init_from={init_from!r}: {path} does not exist; {hint}set "
                             f"{stage}.init_from to a checkpoint (or null for random initialisation)")
-    import contextlib
-
     from bart_jax.runlock import run_directory_lock
 
     # One process per run directory (on a multi-host run, process 0 holds it for all of them).
