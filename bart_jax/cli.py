@@ -33,8 +33,6 @@ def _one_line(e: BaseException) -> str:
     text = str(e)
     if isinstance(e, OSError) and e.strerror and e.filename is not None:
         text = f"{e.filename}: {e.strerror}"
-    if isinstance(e, KeyError) and e.args:
-        text = str(e.args[0])
     return "; ".join(part.strip() for part in text.splitlines() if part.strip()) or type(e).__name__
 
 
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
         print(f"bart-jax {name}: interrupted", file=sys.stderr)
         return 128 + int(signum)
-    except (ValueError, OSError, KeyError) as e:  # user errors (UserError is a ValueError)
+    except (ValueError, OSError) as e:  # user errors (UserError is a ValueError)
         if debug:
             raise
         print(f"bart-jax {name}: error: {_one_line(e)}", file=sys.stderr)

@@ -218,7 +218,10 @@ def read_pairs(data: str, split: str, limit: int | None = None) -> list[dict]:
     from bart_jax.data.datasets import iter_pairs, load_prepared
 
     if os.path.isdir(data):
-        source = load_prepared(data)[split]
+        prepared = load_prepared(data)
+        if split not in prepared:
+            raise ValueError(f"--data {data}: no split {split!r} (has {sorted(prepared)}); choose one with --split")
+        source = prepared[split]
         n = len(source) if limit is None else min(limit, len(source))
 
         def text(value):

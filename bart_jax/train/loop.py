@@ -401,6 +401,11 @@ def _run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) -
         state, _ = create_train_state(model_config, optimizer, mesh, t.seed, params=params)
 
     dataset = prepared_dataset(cfg, stage)
+    splits = [cfg.data.train_split] + ([cfg.data.eval_split] if t.eval_every > 0 else [])
+    missing = [s for s in splits if s not in dataset]
+    if missing:
+        raise UserError(f"the {stage} data {getattr(dataset, 'path', '')} has no split(s) {missing} (has "
+                        f"{sorted(dataset)}); set data.train_split / data.eval_split, or eval_every=0")
     train_it = _train_batches(cfg, stage, tok, dataset, local_batch, cfg.data.train_split, shuffle=True)
     if data_states:
         train_it.set_state(data_states[jax.process_index()])
