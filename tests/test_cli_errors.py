@@ -22,7 +22,9 @@ from bart_jax.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+# The tiny config, wherever this checkout keeps it (configs/ or bundled in the package).
+TINY = next(p for p in (os.path.join(ROOT, "bart_jax", "configs", "tiny.yaml"),
+                        os.path.join(ROOT, "configs", "tiny.yaml")) if os.path.isfile(p))
 
 
 def _snapshot(root) -> dict[str, bytes]:
