@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
+import threading
 
 # subcommand -> (module, function, one-line help). Modules are imported lazily so `bart-jax --help`
 # is instant and a subcommand only pays for what it uses.
@@ -25,8 +28,27 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (multi-line problem lists are joined with '; ')."""
+    text = str(e)
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        text = f"{e.filename}: {e.strerror}"
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip()) or type(e).__name__
+
+
+def _raise_terminated(signum, frame):
+    from bart_jax.errors import Terminated
+
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a subcommand. The one place where user errors become `bart-jax <command>: error: ...`
+    plus exit code 2, and interruptions exit 130 (SIGINT) / 143 (SIGTERM), without a traceback; `--debug`
+    (anywhere) or BART_JAX_DEBUG=1 re-raises instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("BART_JAX_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -35,8 +57,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bart-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    fn = getattr(importlib.import_module(module), func)
-    return int(fn(rest) or 0)
+    from bart_jax.errors import Interrupted, Terminated
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        fn = getattr(importlib.import_module(module), func)
+        return int(fn(rest) or 0)
+    except Interrupted as e:
+        if debug:
+            raise
+        print(f"bart-jax {name}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        print(f"bart-jax {name}: interrupted", file=sys.stderr)
+        return 128 + int(signum)
+    except (ValueError, OSError) as e:  # user errors (UserError is a ValueError)
+        if debug:
+            raise
+        print(f"bart-jax {name}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    finally:
+        sys.stdout.flush()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -126,10 +126,11 @@ class BartConfig:
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any] | str | os.PathLike, **overrides) -> "BartConfig":
         """Build from a Hugging Face BART/mBART `config.json` (a dict or a path to the file or its directory)."""
+        where = "config.json"
         if not isinstance(hf, dict):
-            path = os.fspath(hf)
+            path = where = os.fspath(hf)
             if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
+                path = where = os.path.join(path, "config.json")
             with open(path) as f:
                 try:
                     hf = json.load(f)
@@ -137,7 +138,8 @@ class BartConfig:
                     raise ValueError(f"{path}: not valid JSON ({e})") from e
         model_type = hf.get("model_type", "bart")
         if model_type not in ("bart", "mbart"):
-            raise ValueError(f"config.json model_type={model_type!r}: only 'bart' and 'mbart' are supported")
+            raise ValueError(f"{where}: model_type={model_type!r} is not BART; only 'bart' and 'mbart' "
+                             "checkpoints are supported")
         pre_ln = model_type == "mbart" or bool(hf.get("normalize_before", False))
         kw = dict(
             vocab_size=hf["vocab_size"],

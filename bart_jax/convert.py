@@ -300,6 +300,13 @@ def _torch_load(path):
             raise
         except Exception as e:
             raise CheckpointError(f"{path}: corrupt torch checkpoint ({type(e).__name__}: {e})") from e
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # A legacy torch.save file is a pickle (protocol 2+ starts with the PROTO opcode 0x80); anything else
+    # is not a PyTorch checkpoint at all, and asking for torch would send the user the wrong way.
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle); "
+                              "the file is corrupt or of another format")
     try:
         import torch
     except ImportError as e:
@@ -397,25 +404,72 @@ def _read_fairseq(path, overrides):
 
 
 # --------------------------------------------------------------------------- public API
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _fsync_path(path: str, directory: bool = False):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    return False  # EINVAL / ENOSYS: the file system or kernel cannot exchange
+
+
 def _atomic_write_dir(target: str, write: Callable[[str], None]):
-    """Write a directory's files into a temp dir beside `target`, then swap it in with a rename."""
+    """Write a directory's files into a temp dir beside `target`, fsync them, then put it in place with
+    one rename (an atomic exchange when `target` exists), so readers see the old or the new directory,
+    never a missing or half-written one. Temp dirs left by an earlier crashed write are removed."""
+    import glob
+    import shutil
+
     target = os.path.abspath(target)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(target) + "-", dir=parent)
-    write(tmp)
-    if os.path.isdir(target):
-        old = target + ".old"
-        os.rename(target, old)
-        os.rename(tmp, target)
-        import shutil
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, target)
+    prefix = ".tmp-" + os.path.basename(target) + "-"
+    for leftover in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        write(tmp)
+        for name in os.listdir(tmp):
+            if os.path.isfile(os.path.join(tmp, name)):
+                _fsync_path(os.path.join(tmp, name))
+        _fsync_path(tmp, directory=True)
+        if not os.path.isdir(target):
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp)  # now the old directory
+        else:  # no atomic exchange here: keep the old one under the temp name until the new one is in
+            old = tempfile.mkdtemp(prefix=prefix, dir=parent)
+            os.rename(target, os.path.join(old, "old"))
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        _fsync_path(parent, directory=True)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_pretrained(directory, config: BartConfig, params):
-    """Write a Hugging Face BART directory (config.json + model.safetensors) loadable by transformers."""
+def save_pretrained(directory, config: BartConfig, params, *, extra: Callable[[str], None] | None = None):
+    """Write a Hugging Face BART directory (config.json + model.safetensors) loadable by transformers.
+    `extra(tmp_dir)` may add files (e.g. the tokenizer) to the same atomic write."""
     from safetensors.numpy import save_file
     state = params_to_hf_state_dict(config, params)
 
@@ -423,11 +477,14 @@ def save_pretrained(directory, config: BartConfig, params):
         save_file(state, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, HF_CONFIG), "w") as f:
             json.dump(config.to_hf_config(), f, indent=2)
+        if extra is not None:
+            extra(tmp)
     _atomic_write_dir(directory, write)
 
 
-def save_model(directory, config: BartConfig, params):
-    """Write bart_jax's own model directory: bart_config.json + params.safetensors (atomically)."""
+def save_model(directory, config: BartConfig, params, *, extra: Callable[[str], None] | None = None):
+    """Write bart_jax's own model directory: bart_config.json + params.safetensors (atomically).
+    `extra(tmp_dir)` may add files (e.g. the tokenizer) to the same atomic write."""
     from safetensors.numpy import save_file
     flat = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in _flatten(params).items()}
 
@@ -435,6 +492,8 @@ def save_model(directory, config: BartConfig, params):
         save_file(flat, os.path.join(tmp, NATIVE_WEIGHTS))
         with open(os.path.join(tmp, NATIVE_CONFIG), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
+        if extra is not None:
+            extra(tmp)
     _atomic_write_dir(directory, write)
 
 
@@ -501,6 +560,43 @@ def from_pretrained(path, **config_overrides):
 
 
 # --------------------------------------------------------------------------- CLI
+# Tokenizer files a model directory may carry; `convert` copies them along with the weights.
+TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "sentencepiece.bpe.model")
+
+
+def is_model_dir(path: str) -> bool:
+    """A directory holding only files, one of them a model config (what `--overwrite` may replace)."""
+    if not os.path.isdir(path):
+        return False
+    entries = os.listdir(path)
+    return (any(n in entries for n in (NATIVE_CONFIG, HF_CONFIG))
+            and not any(os.path.isdir(os.path.join(path, n)) for n in entries))
+
+
+def _tokenizer_files(source: str) -> list[str]:
+    if not os.path.isdir(source):
+        return []
+    return [os.path.join(source, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(source, n))]
+
+
+def _check_output_dir(source: str, output: str, overwrite: bool) -> None:
+    """Refuse to write where something of the user's would be lost (checked before any loading)."""
+    from bart_jax.errors import UserError, check_writable_dir
+
+    src = os.path.realpath(source)
+    out = os.path.realpath(output)
+    if out == src or (os.path.isfile(src) and out == os.path.dirname(src)):
+        raise UserError(f"output {output} is the source checkpoint; write to another directory")
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise UserError(f"output {output} exists and is not a directory")
+    if os.path.isdir(output) and os.listdir(output):
+        if not is_model_dir(output):
+            raise UserError(f"output {output} is not empty and does not hold a model; refusing to replace it "
+                            "(choose a new or empty directory)")
+        if not overwrite:
+            raise UserError(f"output {output} already holds a model; pass --overwrite to replace it")
+    check_writable_dir(os.path.dirname(os.path.abspath(output)), "output")
 def cli_main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="bart-jax convert",
@@ -509,9 +605,20 @@ def cli_main(argv) -> int:
     parser.add_argument("output", help="directory to write")
     parser.add_argument("--to", choices=("bart_jax", "hf"), default="bart_jax",
                         help="output format (default: bart_jax)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUTPUT when it already holds a model (never any other directory)")
     args = parser.parse_args(argv)
+    _check_output_dir(args.source, args.output, args.overwrite)
     config, params = from_pretrained(args.source)
-    (save_model if args.to == "bart_jax" else save_pretrained)(args.output, config, params)
+    tokenizer_files = _tokenizer_files(args.source)
+
+    def copy_tokenizer(tmp):
+        import shutil
+
+        for path in tokenizer_files:
+            shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
+
+    (save_model if args.to == "bart_jax" else save_pretrained)(args.output, config, params, extra=copy_tokenizer)
     from bart_jax.model import param_count
     print(f"wrote {args.to} checkpoint to {args.output} ({param_count(params):,} parameters, "
           f"vocab {config.vocab_size}, d_model {config.d_model}, "

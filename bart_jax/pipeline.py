@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -139,19 +138,29 @@ def lead_summaries(documents: list[str], references: list[str]) -> list[str]:
 
 def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
                  quick: bool = False, workdir: str | None = None, batch_size: int = 16) -> JobResult:
-    """Run the whole job and return its results (also printed, and written to `<workdir>/summary.json`)."""
-    from tqdm import tqdm
+    """Run the whole job and return its results (also printed, and written to `<workdir>/summary.json`).
 
-    from bart_jax.decode.rouge import rouge_scores
-    from bart_jax.train.config import apply_overrides, load_config
-    from bart_jax.train.loop import finetune, load_or_train_tokenizer, pretrain
+    The whole config is checked before any work, and the run directory is locked for the whole job."""
+    from bart_jax.runlock import run_directory_lock
+    from bart_jax.train.config import check_run_config, load_config
 
-    started = time.perf_counter()
     all_overrides = [*(QUICK_OVERRIDES if quick else ()), *overrides]
     if workdir:
         all_overrides.append(f"workdir={workdir}")
     cfg = load_config(config_path or DEFAULT_CONFIG, all_overrides)
-    os.makedirs(cfg.workdir, exist_ok=True)
+    check_run_config(cfg)
+    with run_directory_lock(cfg.workdir):
+        return _run_main_job(cfg, config_path, quick, batch_size)
+
+
+def _run_main_job(cfg, config_path, quick: bool, batch_size: int) -> JobResult:
+    from tqdm import tqdm
+
+    from bart_jax.decode.rouge import rouge_scores
+    from bart_jax.train.config import apply_overrides
+    from bart_jax.train.loop import finetune, load_or_train_tokenizer, pretrain
+
+    started = time.perf_counter()
     print(f"bart_jax main job: config {config_path or DEFAULT_CONFIG}, run directory {os.path.abspath(cfg.workdir)}")
 
     _stage_banner(1, "tokenizer")
@@ -228,9 +237,6 @@ def cli_main(argv: Sequence[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="documents per beam-search batch")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides")
     args = parser.parse_args(list(argv))
-    try:
-        run_main_job(args.config, args.overrides, quick=args.quick, workdir=args.workdir, batch_size=args.batch_size)
-    except ValueError as e:
-        print(f"bart-jax run: {e}", file=sys.stderr)
-        return 2
+    # User errors and interruptions reach the `bart-jax` dispatcher (one line, exit code 2 / 130 / 143).
+    run_main_job(args.config, args.overrides, quick=args.quick, workdir=args.workdir, batch_size=args.batch_size)
     return 0

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from bart_jax.cli import main as bart_jax_main
 from bart_jax.data import builtin, datasets, loader
 from bart_jax.data.tokenizer import train_tokenizer
 
@@ -153,7 +154,7 @@ def test_cli_builds_text_corpus(tmp_path, capsys):
     assert report["sizes"] == {"train": 2} and report["stats"]["train"]["empty_documents"] == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"x": 1}\n')
-    assert datasets.cli_main(["pairs", "--data-dir", str(tmp_path / "d"), "--train", str(bad)]) == 1
+    assert bart_jax_main(["data", "pairs", "--data-dir", str(tmp_path / "d"), "--train", str(bad)]) == 2
     assert "missing field 'document'" in capsys.readouterr().err
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from bart_jax import init_params, preset
 from bart_jax.cli import main as bart_jax_main
-from bart_jax.decode.cli import cli_evaluate, cli_generate, load_model_for_inference
+from bart_jax.decode.cli import cli_generate, load_model_for_inference
 from bart_jax.decode.generate import summarize
 from bart_jax.decode.rouge import rouge_scores, sentences_per_line
 
@@ -68,7 +68,7 @@ def test_generate_jsonl_stdin_and_return_sequences(checkpoint, tmp_path, monkeyp
     (["--early-stopping", "true", "--num-return-sequences", "3"], "num_return_sequences"),
 ])
 def test_generate_bad_arguments(checkpoint, argv, message, capsys):
-    assert cli_generate(["--checkpoint", checkpoint, *CONTROLS, *argv]) == 2  # later flags win
+    assert bart_jax_main(["generate", "--checkpoint", checkpoint, *CONTROLS, *argv]) == 2  # later flags win
     assert message in capsys.readouterr().err
 
 
@@ -91,7 +91,7 @@ def test_evaluate_writes_predictions_and_rouge(checkpoint, tmp_path):
 
 def test_evaluate_missing_data(checkpoint, tmp_path, capsys):
     argv = ["--checkpoint", checkpoint, "--data", str(tmp_path / "none.jsonl"), *CONTROLS]
-    assert cli_evaluate(argv) == 2
+    assert bart_jax_main(["evaluate", *argv]) == 2
     assert "no such dataset" in capsys.readouterr().err
 
 

@@ -243,9 +243,17 @@ class _LocalFilesBuilder(_Builder):
 
     def _generate_examples(self, split, paths):
         stats = {}
+        count = 0
         for file_index, path in enumerate(paths):
             for example_index, example in enumerate(self._read(path, stats)):
+                count += 1
                 yield f"{file_index}:{example_index}", example
+        if count == 0:  # TFDS would fail on it with an AssertionError
+            from bart_jax.errors import UserError
+
+            skipped = {k: v for k, v in stats.items() if v}
+            raise UserError(f"split {split!r}: no non-empty examples in {', '.join(paths)}"
+                            + (f" (skipped: {skipped})" if skipped else " (the files are empty)"))
         self._record_stats(split, stats)
 
 
@@ -332,7 +340,18 @@ def load_prepared(path: str | os.PathLike) -> PreparedDataset:
 
 
 def _prepare(builder_cls, config, data_dir, fingerprint: str, overwrite: bool) -> PreparedDataset:
-    """Builds (or reuses, when the inputs' fingerprint matches) a dataset in data_dir and opens it."""
+    """Builds (or reuses, when the inputs' fingerprint matches) a dataset in data_dir and opens it.
+
+    A lock file in data_dir serializes builders of the same dataset: a second process waits, then reuses.
+    """
+    from bart_jax.runlock import file_lock
+
+    name = config if isinstance(config, str) else config.name
+    with file_lock(os.path.join(os.fspath(data_dir), f".{builder_cls.name}-{name}.lock")):
+        return _prepare_unlocked(builder_cls, config, data_dir, fingerprint, overwrite)
+
+
+def _prepare_unlocked(builder_cls, config, data_dir, fingerprint: str, overwrite: bool) -> PreparedDataset:
     builder = builder_cls(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
     path = os.fspath(builder.data_path)
     meta_path = os.path.join(path, "metadata.json")
@@ -439,23 +458,23 @@ def cli_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    try:
-        if args.command == "builtin":
-            kinds = ("documents", "pairs") if args.kind == "both" else (args.kind,)
-            prepared = [prepare_builtin(args.data_dir, kind, overwrite=args.overwrite) for kind in kinds]
+    # User errors (bad or empty input) reach the `bart-jax` dispatcher: one line, exit code 2.
+    from bart_jax.errors import check_writable_dir
+
+    check_writable_dir(args.data_dir, "--data-dir")
+    if args.command == "builtin":
+        kinds = ("documents", "pairs") if args.kind == "both" else (args.kind,)
+        prepared = [prepare_builtin(args.data_dir, kind, overwrite=args.overwrite) for kind in kinds]
+    else:
+        split_paths = {split: getattr(args, split) for split in SPLITS}
+        if args.command == "text":
+            prepared = [prepare_text_corpus(split_paths, args.data_dir, name=args.name,
+                                            text_field=args.text_field,
+                                            blank_line_docs=args.blank_line_docs, overwrite=args.overwrite)]
         else:
-            split_paths = {split: getattr(args, split) for split in SPLITS}
-            if args.command == "text":
-                prepared = [prepare_text_corpus(split_paths, args.data_dir, name=args.name,
-                                                text_field=args.text_field,
-                                                blank_line_docs=args.blank_line_docs, overwrite=args.overwrite)]
-            else:
-                prepared = [prepare_pairs(split_paths, args.data_dir, name=args.name,
-                                          document_field=args.document_field, summary_field=args.summary_field,
-                                          overwrite=args.overwrite)]
-    except (ValueError, FileNotFoundError) as e:
-        print(f"bart-jax data: {e}", file=sys.stderr)
-        return 1
+            prepared = [prepare_pairs(split_paths, args.data_dir, name=args.name,
+                                      document_field=args.document_field, summary_field=args.summary_field,
+                                      overwrite=args.overwrite)]
     for ds in prepared:
         print(json.dumps({"path": ds.path, "sizes": {s: len(ds[s]) for s in ds}, "stats": ds.stats}))
     print(f"done in {time.perf_counter() - start:.1f}s")

@@ -294,7 +294,6 @@ def train_tokenizer(texts_or_files: Iterable[str] | str, vocab_size: int, out_di
 
     if vocab_size < 256 + 5 + 1:
         raise ValueError(f"vocab_size {vocab_size} too small: byte fallback alone needs 256 + 5 specials")
-    os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         # A file (not sentence_iterator) so the sampling below happens in C++ without a Python callback.
         corpus = os.path.join(tmp, "corpus.txt")
@@ -304,7 +303,7 @@ def train_tokenizer(texts_or_files: Iterable[str] | str, vocab_size: int, out_di
                 f.write(line.replace("\r", " ") + "\n")
                 n_lines += 1
         if n_lines == 0:
-            raise ValueError("train_tokenizer: no text to train on (all inputs empty)")
+            raise ValueError("train_tokenizer: no text to train on (all inputs empty); give a corpus with text")
         spm.set_random_generator_seed(seed)  # the line sampling is the only randomness
         spm.SentencePieceTrainer.train(
             input=corpus, model_prefix=os.path.join(tmp, "sp"), model_type="bpe", vocab_size=vocab_size,
@@ -341,6 +340,9 @@ def cli_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "train":
+        from bart_jax.errors import check_writable_dir
+
+        check_writable_dir(args.out, "--out")  # before the training, not after it
         if args.input:
             texts = args.input
         else:

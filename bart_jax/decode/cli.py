@@ -98,6 +98,9 @@ def _controls_from_args(args, config) -> dict:
 def _setup(args):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size}: must be >= 1")
+    if args.max_source_length is not None and args.max_source_length < 1:
+        raise ValueError(f"--max-source-length={args.max_source_length}: must be >= 1 (or left out for the "
+                         "model's max_position_embeddings)")
     if args.compilation_cache:
         import jax
 
@@ -151,6 +154,19 @@ def _read_documents(path: str, field: str) -> Iterator[str]:
             yield str(record[field])
 
 
+def _check_output_file(path: str) -> None:
+    """Fail before any work when `path` ('-' = stdout) cannot be written."""
+    from bart_jax.errors import UserError, check_writable_dir
+
+    if path == "-":
+        return
+    if os.path.isdir(path):
+        raise UserError(f"--output {path}: is a directory; give a file name")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UserError(f"--output {path}: not writable")
+    check_writable_dir(os.path.dirname(os.path.abspath(path)), "--output")
+
+
 def _count_documents(path: str) -> int | None:
     if path == "-":
         return None
@@ -170,14 +186,12 @@ def cli_generate(argv: Sequence[str]) -> int:
     parser.add_argument("--output", default="-", help="output file, '-' = stdout (default)")
     parser.add_argument("--text-field", default="document", help="JSON field of .jsonl input documents")
     args = parser.parse_args(list(argv))
-    try:
-        config, params, tokenizer, controls = _setup(args)
-        if args.input != "-" and not os.path.isfile(args.input):
-            raise ValueError(f"--input {args.input}: no such file")
-        total = _count_documents(args.input)
-    except (ValueError, OSError) as e:
-        print(f"bart-jax generate: {e}", file=sys.stderr)
-        return 2
+    # User errors propagate to the `bart-jax` dispatcher (one line, exit code 2).
+    if args.input != "-" and not os.path.isfile(args.input):
+        raise ValueError(f"--input {args.input}: no such file")
+    _check_output_file(args.output)
+    config, params, tokenizer, controls = _setup(args)
+    total = _count_documents(args.input)
     jsonl = args.output.endswith(".jsonl")
     start, count = time.perf_counter(), 0
     with contextlib.ExitStack() as stack:
@@ -185,17 +199,13 @@ def cli_generate(argv: Sequence[str]) -> int:
         documents = _read_documents(args.input, args.text_field)
         results = generate_texts(documents, config, params, tokenizer, controls, args.batch_size,
                                  args.max_source_length, args.seed)
-        try:
-            for texts, scores in tqdm(results, total=total, unit="doc", file=sys.stderr, desc="generate"):
-                if jsonl:
-                    out.write(json.dumps({"index": count, "summaries": texts, "scores": scores}) + "\n")
-                else:
-                    out.writelines(" ".join(t.split()) + "\n" for t in texts)
-                out.flush()
-                count += 1
-        except ValueError as e:
-            print(f"bart-jax generate: {e}", file=sys.stderr)
-            return 2
+        for texts, scores in tqdm(results, total=total, unit="doc", file=sys.stderr, desc="generate"):
+            if jsonl:
+                out.write(json.dumps({"index": count, "summaries": texts, "scores": scores}) + "\n")
+            else:
+                out.writelines(" ".join(t.split()) + "\n" for t in texts)
+            out.flush()
+            count += 1
     seconds = time.perf_counter() - start
     print(f"generated {count} documents in {seconds:.1f}s", file=sys.stderr)
     return 0
@@ -208,7 +218,10 @@ def read_pairs(data: str, split: str, limit: int | None = None) -> list[dict]:
     from bart_jax.data.datasets import iter_pairs, load_prepared
 
     if os.path.isdir(data):
-        source = load_prepared(data)[split]
+        prepared = load_prepared(data)
+        if split not in prepared:
+            raise ValueError(f"--data {data}: no split {split!r} (has {sorted(prepared)}); choose one with --split")
+        source = prepared[split]
         n = len(source) if limit is None else min(limit, len(source))
 
         def text(value):
@@ -235,27 +248,32 @@ def cli_evaluate(argv: Sequence[str]) -> int:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
     parser.add_argument("--output-dir", default=".", help="where predictions and metrics are written")
     args = parser.parse_args(list(argv))
-    try:
-        config, params, tokenizer, controls = _setup(args)
-        pairs = read_pairs(args.data, args.split, args.limit)
-        if not pairs:
-            raise ValueError(f"--data {args.data} split {args.split!r} has no pairs")
-    except (ValueError, OSError, KeyError) as e:
-        print(f"bart-jax evaluate: {e}", file=sys.stderr)
-        return 2
+    # User errors propagate to the `bart-jax` dispatcher (one line, exit code 2).
+    from bart_jax.errors import UserError, check_writable_dir
+
+    if os.path.lexists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserError(f"--output-dir {args.output_dir}: exists and is not a directory")
+    check_writable_dir(args.output_dir, "--output-dir")
+    config, params, tokenizer, controls = _setup(args)
+    pairs = read_pairs(args.data, args.split, args.limit)
+    if not pairs:
+        raise ValueError(f"--data {args.data} split {args.split!r} has no pairs")
+    os.makedirs(args.output_dir, exist_ok=True)
+    predictions_path = os.path.join(args.output_dir, f"predictions.{args.split}.jsonl")
     start = time.perf_counter()
     results = generate_texts((p["document"] for p in pairs), config, params, tokenizer, controls,
                              args.batch_size, args.max_source_length, args.seed)
-    predictions = [texts[0] for texts, _ in tqdm(results, total=len(pairs), unit="doc", file=sys.stderr,
-                                                 desc="evaluate")]
+    predictions = []
+    # Written as they come, so an interrupted evaluation keeps what it generated.
+    with open(predictions_path, "w", encoding="utf-8") as f:
+        for pair, (texts, _) in zip(pairs, tqdm(results, total=len(pairs), unit="doc", file=sys.stderr,
+                                                desc="evaluate")):
+            predictions.append(texts[0])
+            f.write(json.dumps({"document": pair["document"], "reference": pair["summary"],
+                                "prediction": texts[0]}) + "\n")
+            f.flush()
     seconds = time.perf_counter() - start
     metrics = rouge_scores(predictions, [p["summary"] for p in pairs])
-    os.makedirs(args.output_dir, exist_ok=True)
-    predictions_path = os.path.join(args.output_dir, f"predictions.{args.split}.jsonl")
-    with open(predictions_path, "w", encoding="utf-8") as f:
-        for pair, prediction in zip(pairs, predictions):
-            f.write(json.dumps({"document": pair["document"], "reference": pair["summary"],
-                                "prediction": prediction}) + "\n")
     report = {"checkpoint": args.checkpoint, "data": args.data, "split": args.split, "examples": len(pairs),
               "controls": controls, "seconds": round(seconds, 2), **{k: round(v, 4) for k, v in metrics.items()}}
     with open(os.path.join(args.output_dir, f"rouge.{args.split}.json"), "w") as f:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from typing import Any
 
 import jax
@@ -29,6 +30,7 @@ from bart_jax.train.config import CheckpointConfig
 from bart_jax.train.state import TrainState
 
 STATE, DATA, CONFIG = "state", "data", "config"
+_OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()  # managers not closed yet (see close_all)
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
@@ -74,6 +76,8 @@ class Checkpointer:
             enable_async_checkpointing=cfg.async_save, create=not read_only, read_only=read_only,
             cleanup_tmp_directories=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, CONFIG))
+        self._closed = False
+        _OPEN.add(self)
 
     # ------------------------------------------------------------------ queries
     def latest_step(self) -> int | None:
@@ -127,8 +131,25 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN.discard(self)
+        # The manager cleans old temporary directories in a thread started at construction, which
+        # close() does not join; left running at interpreter exit it fails loudly.
+        getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def close_all() -> None:
+    """Finish pending saves and close every open Checkpointer (on an error path: orbax's background
+    threads must not outlive the run, or they print after the error message)."""
+    for c in list(_OPEN):
+        try:
+            c.close()
+        except Exception:  # already failing; the original error is the one to report
+            pass
 
 
 # ---------------------------------------------------------------------- reading other runs' checkpoints

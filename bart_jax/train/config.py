@@ -4,7 +4,7 @@ A run config file (configs/*.yaml) has these top-level sections::
 
     workdir: runs/tiny            # checkpoints, TensorBoard events and the tokenizer live under here
     model:  {preset: tiny, dropout: 0.1, dtype: bfloat16, ...}   # preset + any BartConfig field
-    noise:  {preset: bart, ...}                                   # preset + any noise-config field
+    noise:  {preset: bart_large, ...}                             # preset + any noise-config field
     data:   {...}                 # DataConfig
     mesh:   {data: -1, fsdp: 1, tensor: 1}                        # -1 fills the remaining devices
     checkpoint: {keep: 3, keep_best: 1, best_metric: eval_loss, best_mode: min, async_save: true}
@@ -52,7 +52,7 @@ class ModelSection:
 class NoiseSection:
     """A noise preset (bart_jax.noise) plus field overrides."""
 
-    preset: str = "bart"
+    preset: str = "bart_large"  # the paper's large-model recipe (configs/*.yaml use it too)
     overrides: tuple[tuple[str, Any], ...] = ()
 
     def noise_config(self):
@@ -243,6 +243,51 @@ def validate(cfg: RunConfig) -> None:
                 f"must be divisible by train.micro_batches={t.micro_batches}")
         if not 0.0 <= t.label_smoothing < 1.0:
             bad(f"{stage}.train.label_smoothing", t.label_smoothing, "must be in [0, 1)")
+
+
+def check_run_config(cfg: RunConfig, stages: Sequence[str] = ("pretrain", "finetune")) -> None:
+    """Everything about a run config that can be checked without data: the model and noise presets
+    (building the BartConfig and the noise config, so unknown presets, fields and dtypes fail here),
+    sequence lengths against the model's positions, the mesh against the devices, batch sizes against the
+    mesh, and that the workdir can be written. Raises UserError; call it before any tokenizer training,
+    dataset build or directory creation."""
+    from bart_jax.errors import UserError, check_writable_dir
+
+    try:
+        model = cfg.model.bart_config()
+    except (ValueError, TypeError) as e:
+        raise UserError(f"model (preset {cfg.model.preset!r}): {e}") from None
+    try:
+        cfg.noise.noise_config()
+    except (ValueError, TypeError) as e:
+        raise UserError(f"noise (preset {cfg.noise.preset!r}): {e}") from None
+    for stage in stages:
+        s = cfg.stage(stage)
+        # A stage that starts from a foreign checkpoint takes its positions from there (checked on load).
+        if s.init_from and not s.init_from.startswith("run:"):
+            continue
+        fields = ("source_length",) if stage == "pretrain" else ("source_length", "target_length")
+        for f in fields:
+            if getattr(s.train, f) > model.max_position_embeddings:
+                raise UserError(f"{stage}.train.{f}={getattr(s.train, f)} exceeds the model's "
+                                f"max_position_embeddings={model.max_position_embeddings} (model.preset "
+                                f"{cfg.model.preset!r}); lower it or set model.max_position_embeddings")
+    if not cfg.distributed.enabled:  # jax.device_count() before jax.distributed.initialize would break it
+        import jax
+
+        from bart_jax.train import partitioning
+
+        try:
+            shape = partitioning.mesh_shape(cfg.mesh, jax.device_count())
+        except ValueError as e:
+            raise UserError(f"{e} (mesh.data/fsdp/tensor)") from None
+        shards = shape[0] * shape[1]
+        for stage in stages:
+            t = cfg.stage(stage).train
+            if t.batch_size % (t.micro_batches * shards):
+                raise UserError(f"{stage}.train.batch_size={t.batch_size} must be divisible by micro_batches "
+                                f"({t.micro_batches}) x the batch shards of the mesh (data x fsdp = {shards})")
+    check_writable_dir(cfg.workdir, "workdir")
 
 
 # ----------------------------------------------------------------------------------------- loading

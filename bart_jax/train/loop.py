@@ -11,10 +11,13 @@ continue exactly as if the run had not stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -22,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bart_jax.config import BartConfig
+from bart_jax.errors import Interrupted, Terminated, UserError
 from bart_jax.train import checkpoint as ckpt_lib
 from bart_jax.train import flops as flops_lib
 from bart_jax.train import optim, partitioning
-from bart_jax.train.config import RunConfig, load_config
+from bart_jax.train.config import RunConfig, check_run_config, load_config
 from bart_jax.train.state import abstract_params, create_train_state, state_shardings
 from bart_jax.train.step import (compile_eval_step, compile_train_step, identity_batch, make_eval_step,
                                  make_train_step, summarize_eval)
@@ -99,19 +103,14 @@ def _cli(stage: str, argv: list[str]) -> int:
     parser.add_argument("--variant", help="named bundle of overrides from the config's `variants` section")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides, args.variant)
-    except ValueError as e:
-        print(f"bart-jax {stage}: config error: {e}", file=sys.stderr)
-        return 2
+    # User errors (config, data, paths) reach the `bart-jax` dispatcher: one line, exit code 2.
+    cfg = load_config(args.config, args.overrides, args.variant)
+    check_run_config(cfg, (stage,))
     try:
         result = run_stage(cfg, stage)
     except TrainingDiverged as e:
         print(f"bart-jax {stage}: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as e:
-        print(f"bart-jax {stage}: error: {e}", file=sys.stderr)
-        return 2
     if jax.process_index() == 0:
         print(json.dumps({"stage": stage, "final_step": result.final_step,
                           "last_loss": result.losses[-1] if result.losses else None,
@@ -326,8 +325,36 @@ def _gather_params(params):
 
 
 def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) -> TrainResult:
-    """Train `stage` ('pretrain' | 'finetune') as configured, resuming from the run's latest checkpoint."""
+    """Train `stage` ('pretrain' | 'finetune') as configured, resuming from the run's latest checkpoint.
+
+    The config is checked first (before any tokenizer, dataset or directory work) and the workdir is
+    locked for the whole stage. SIGINT / SIGTERM stop the loop at a step boundary, save a checkpoint of
+    that step and raise `Interrupted`.
+    """
+    check_run_config(cfg, (stage,))
     initialize_distributed(cfg)
+    run_dir = os.path.abspath(cfg.run_dir(stage))
+    init_from = cfg.stage(stage).init_from
+    if init_from and not ckpt_lib.is_training_checkpoint(os.path.join(run_dir, "checkpoints")):
+        path = resolve_init_from(cfg, init_from)
+        if not os.path.exists(path):
+            hint = (f"run `bart-jax {init_from[4:]}` with this workdir first, or " if init_from.startswith("run:")
+                    else "")
+            raise UserError(f"{stage}.init_from={init_from!r}: {path} does not exist; {hint}set "
+                            f"{stage}.init_from to a checkpoint (or null for random initialisation)")
+    from bart_jax.runlock import run_directory_lock
+
+    # One process per run directory (on a multi-host run, process 0 holds it for all of them).
+    lock = run_directory_lock(cfg.workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        try:
+            return _run_stage(cfg, stage, stop_at_step=stop_at_step)
+        except BaseException:
+            ckpt_lib.close_all()  # no orbax thread may outlive a failed stage (it would print after the error)
+            raise
+
+
+def _run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) -> TrainResult:
     sc = cfg.stage(stage)
     t = sc.train
     run_dir = os.path.abspath(cfg.run_dir(stage))
@@ -367,11 +394,18 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) ->
     data_states = None
     if latest is not None:
         state, data_states, _ = ckpt.restore(latest, abstract_state, shardings)
+        if main_process:
+            print(f"{stage}: resumed from step {latest} ({checkpoint_dir})", flush=True)
     else:
         params = init(params_shape, shardings.params)
         state, _ = create_train_state(model_config, optimizer, mesh, t.seed, params=params)
 
     dataset = prepared_dataset(cfg, stage)
+    splits = [cfg.data.train_split] + ([cfg.data.eval_split] if t.eval_every > 0 else [])
+    missing = [s for s in splits if s not in dataset]
+    if missing:
+        raise UserError(f"the {stage} data {getattr(dataset, 'path', '')} has no split(s) {missing} (has "
+                        f"{sorted(dataset)}); set data.train_split / data.eval_split, or eval_every=0")
     train_it = stage_batches(cfg, stage, tok, dataset, local_batch, cfg.data.train_split, shuffle=True)
     if data_states:
         train_it.set_state(data_states[jax.process_index()])
@@ -472,10 +506,16 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) ->
         return m
 
     completed = False
+    stop = _StopRequest() if jax.process_count() == 1 else None
+    data_state = train_it.get_state()
+    interrupted = False
     try:
         from bart_jax.data import to_global_batch
 
         for step in range(start, end):
+            if stop is not None and stop.signum is not None:
+                interrupted = True
+                break  # a step boundary: everything before this step is in `state`
             local = next(train_it)
             local = {k: v for k, v in local.items() if k != "example_id"}
             data_state = train_it.get_state()  # position after this batch: what a resume at step+1 needs
@@ -503,8 +543,12 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) ->
                               metrics=eval_metrics if ranked else None)
         if pending is not None:
             settle(pending)
+        if interrupted:
+            raise _save_on_interrupt(stop.signum, stage, state, ckpt, config_dict, data_state, checkpoint_dir)
         completed = True
     finally:
+        if stop is not None:
+            stop.restore()
         if bar is not None:
             bar.close()
         if writer is not None:
@@ -521,14 +565,52 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) ->
         if main_process:
             from bart_jax.convert import save_model
 
-            save_model(model_dir, model_config, params_host)
-            tok.save(model_dir)
+            save_model(model_dir, model_config, params_host, extra=tok.save)
     best = ckpt.best_step()
     ckpt.close()
     return TrainResult(stage=stage, final_step=final_step, losses=losses, eval_metrics=eval_metrics,
                        run_dir=run_dir, checkpoint_dir=checkpoint_dir, model_dir=model_dir,
                        tokenizer_dir=tokenizer_dir, best_step=best, resumed_from=resumed_from,
                        nonfinite_total=int(jax.device_get(state.nonfinite_total)), model_config=model_config)
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM handlers that only record the signal, so the loop stops at a step boundary; a
+    second signal interrupts at once. Handlers are installed only from the main thread."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # asked twice: stop now, without the checkpoint
+            raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+        self.signum = signum
+
+    def restore(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+def _save_on_interrupt(signum, stage, state, ckpt, config_dict, data_state, checkpoint_dir) -> Interrupted:
+    """Checkpoint the step the loop stopped at (unless it is saved already or mid NaN streak)."""
+    ckpt.wait()
+    step = int(jax.device_get(state.step))
+    if ckpt.latest_step() != step and int(jax.device_get(state.nonfinite_streak)) == 0:
+        ckpt.save(state, config=config_dict, data_states=ckpt_lib.gather_process_states(data_state))
+        ckpt.wait()
+    saved = ckpt.latest_step()
+    if saved == step:
+        where = f"checkpoint saved in {os.path.join(checkpoint_dir, str(step))}"
+    elif saved is not None:
+        where = f"the last checkpoint is step {saved} in {checkpoint_dir}"
+    else:
+        where = "no checkpoint could be saved"
+    return Interrupted(f"interrupted at step {step} ({stage}); {where}; run the same command to resume", signum)
 
 
 def _stored_model_config(stored: dict, where: str) -> BartConfig:

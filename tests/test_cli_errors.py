@@ -1,0 +1,451 @@
+"""User errors end in one line `bart-jax <command>: error: ...` and exit code 2, before any expensive work and
+without touching what the user had; Ctrl-C / SIGTERM save a checkpoint and exit 130 / 143; a run directory
+is locked against a second process; model-directory writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from bart_jax.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+# The tiny config, wherever this checkout keeps it (configs/ or bundled in the package).
+TINY = next(p for p in (os.path.join(ROOT, "bart_jax", "configs", "tiny.yaml"),
+                        os.path.join(ROOT, "configs", "tiny.yaml")) if os.path.isfile(p))
+
+
+def _snapshot(root) -> dict[str, bytes]:
+    out = {}
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def _assert_one_line_error(capsys, command: str, message: str):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("bart-jax")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"bart-jax {command}: error: "), err
+    assert re.search(message, lines[0]), lines[0]
+
+
+# ------------------------------------------------------------------------------- rows: the input they need
+def _workdir(tmp):
+    return str(tmp / "run")
+
+
+def _setup_row(name, tmp):
+    """Create what a row needs under `tmp`; return its argv."""
+    w = f"workdir={_workdir(tmp)}"
+    if name == "noise_preset":
+        return ["pretrain", w, "noise.preset=nosuch"]
+    if name == "model_preset":
+        return ["pretrain", w, "model.preset=nosuch"]
+    if name == "model_dtype":
+        return ["pretrain", w, "model.dtype=float17"]
+    if name == "length_vs_positions":
+        return ["pretrain", w, "pretrain.train.source_length=4096"]
+    if name == "finetune_target_length":
+        return ["finetune", "--config", TINY, w, "finetune.train.target_length=4096"]
+    if name == "mesh_vs_devices":
+        return ["pretrain", w, "mesh.fsdp=3"]
+    if name == "run_bad_noise":
+        return ["run", "--workdir", _workdir(tmp), "noise.preset=nosuch"]
+    if name == "finetune_without_pretrain":
+        return ["finetune", w]
+    if name == "workdir_under_file":
+        (tmp / "afile").write_text("mine")
+        return ["pretrain", f"workdir={tmp / 'afile' / 'run'}"]
+    if name == "convert_empty_dir":
+        (tmp / "empty").mkdir()
+        return ["convert", str(tmp / "empty"), str(tmp / "out")]
+    if name == "convert_truncated_safetensors":
+        shutil.copytree(os.path.join(FIXTURES, "bart_default"), tmp / "trunc")
+        data = (tmp / "trunc" / "model.safetensors").read_bytes()
+        (tmp / "trunc" / "model.safetensors").write_bytes(data[:1000])
+        return ["convert", str(tmp / "trunc"), str(tmp / "out")]
+    if name == "convert_gpt2_config":
+        (tmp / "gpt2").mkdir()
+        (tmp / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8}))
+        return ["convert", str(tmp / "gpt2"), str(tmp / "out")]
+    if name == "convert_missing_path":
+        return ["convert", str(tmp / "nowhere"), str(tmp / "out")]
+    if name == "convert_random_model_pt":
+        (tmp / "model.pt").write_bytes(random.Random(0).randbytes(2000))
+        return ["convert", str(tmp / "model.pt"), str(tmp / "out")]
+    if name == "convert_into_nonempty_dir":
+        (tmp / "out" / "runs" / "a").mkdir(parents=True)
+        (tmp / "out" / "runs" / "a" / "notes.txt").write_text("precious")
+        return ["convert", os.path.join(FIXTURES, "bart_default"), str(tmp / "out")]
+    if name == "convert_over_model_without_overwrite":
+        shutil.copytree(os.path.join(FIXTURES, "bart_default"), tmp / "out")
+        return ["convert", os.path.join(FIXTURES, "fairseq_bart", "model.pt"), str(tmp / "out")]
+    if name == "convert_onto_itself":
+        shutil.copytree(os.path.join(FIXTURES, "bart_default"), tmp / "m")
+        (tmp / "m" / "tokenizer.model").write_bytes(b"sp")
+        return ["convert", str(tmp / "m"), str(tmp / "m"), "--overwrite"]
+    if name == "data_text_empty_file":
+        (tmp / "empty.txt").write_text("")
+        return ["data", "text", "--data-dir", str(tmp / "d"), "--train", str(tmp / "empty.txt")]
+    if name == "data_pairs_all_empty":
+        (tmp / "p.jsonl").write_text("".join(json.dumps({"document": d, "summary": s}) + "\n"
+                                             for d, s in (("", "x"), ("doc", " "), ("", ""))))
+        return ["data", "pairs", "--data-dir", str(tmp / "d"), "--train", str(tmp / "p.jsonl")]
+    if name == "tokenizer_empty_file":
+        (tmp / "empty.txt").write_text("")
+        return ["tokenizer", "train", "--input", str(tmp / "empty.txt"), "--out", str(tmp / "tok"),
+                "--vocab-size", "300"]
+    if name == "tokenizer_latin1_file":
+        (tmp / "latin.txt").write_bytes("café au lait\n".encode("latin-1"))
+        return ["tokenizer", "train", "--input", str(tmp / "latin.txt"), "--out", str(tmp / "tok"),
+                "--vocab-size", "300"]
+    if name == "generate_negative_source_length":
+        return ["generate", "--checkpoint", os.path.join(FIXTURES, "bart_default"), "--tokenizer",
+                os.path.join(FIXTURES, "tokenizer_bpe"), "--max-source-length", "-5"]
+    if name == "generate_output_under_file":
+        (tmp / "afile").write_text("mine")
+        (tmp / "docs.txt").write_text("a document\n")
+        return ["generate", "--checkpoint", os.path.join(FIXTURES, "bart_default"), "--input",
+                str(tmp / "docs.txt"), "--output", str(tmp / "afile" / "out.txt")]
+    if name == "evaluate_output_dir_under_file":
+        (tmp / "afile").write_text("mine")
+        (tmp / "p.jsonl").write_text(json.dumps({"document": "a b", "summary": "a"}) + "\n")
+        return ["evaluate", "--checkpoint", os.path.join(FIXTURES, "bart_default"), "--data",
+                str(tmp / "p.jsonl"), "--output-dir", str(tmp / "afile" / "eval")]
+    if name == "tokenizer_out_under_file":
+        (tmp / "afile").write_text("mine")
+        (tmp / "c.txt").write_text("some text\n")
+        return ["tokenizer", "train", "--input", str(tmp / "c.txt"), "--out", str(tmp / "afile" / "tok")]
+    if name == "data_dir_under_file":
+        (tmp / "afile").write_text("mine")
+        (tmp / "c.txt").write_text("some text\n")
+        return ["data", "text", "--data-dir", str(tmp / "afile" / "d"), "--train", str(tmp / "c.txt")]
+    raise KeyError(name)
+
+
+# (row, command, message regex, workdir must not be created)
+ROWS = [
+    ("noise_preset", "pretrain", "unknown noise preset 'nosuch'", True),
+    ("model_preset", "pretrain", "unknown preset 'nosuch'", True),
+    ("model_dtype", "pretrain", "dtype='float17'", True),
+    ("length_vs_positions", "pretrain", r"source_length=4096 exceeds the model's max_position_embeddings=128", True),
+    ("finetune_target_length", "finetune", r"target_length=4096 exceeds .*max_position_embeddings", True),
+    ("mesh_vs_devices", "pretrain", r"do not divide the 8 available devices", True),
+    ("run_bad_noise", "run", "unknown noise preset 'nosuch'", True),
+    ("finetune_without_pretrain", "finetune", r"init_from='run:pretrain'.*does not exist; run `bart-jax pretrain`",
+     True),
+    ("workdir_under_file", "pretrain", r"afile is a file, not a directory", False),
+    ("convert_empty_dir", "convert", "not a Hugging Face", False),
+    ("convert_truncated_safetensors", "convert", "corrupt or unreadable safetensors", False),
+    ("convert_gpt2_config", "convert", r"model_type='gpt2' is not BART", False),
+    ("convert_missing_path", "convert", "no such checkpoint file or directory", False),
+    ("convert_random_model_pt", "convert", r"model.pt: not a PyTorch checkpoint", False),
+    ("convert_into_nonempty_dir", "convert", r"is not empty and does not hold a model; refusing", False),
+    ("convert_over_model_without_overwrite", "convert", r"already holds a model; pass --overwrite", False),
+    ("convert_onto_itself", "convert", "is the source checkpoint", False),
+    ("data_text_empty_file", "data", r"split 'train': no non-empty examples in .*empty.txt", False),
+    ("data_pairs_all_empty", "data", r"split 'train': no non-empty examples .*empty_pairs': 3", False),
+    ("tokenizer_empty_file", "tokenizer", "no text to train on", False),
+    ("tokenizer_latin1_file", "tokenizer", r"latin.txt:1: undecodable bytes \(not UTF-8\)", False),
+    ("tokenizer_out_under_file", "tokenizer", r"--out .*afile is a file, not a directory", False),
+    ("data_dir_under_file", "data", r"--data-dir .*afile is a file, not a directory", False),
+    ("generate_negative_source_length", "generate", r"--max-source-length=-5: must be >= 1", False),
+    ("generate_output_under_file", "generate", r"--output .*afile is a file, not a directory", False),
+    ("evaluate_output_dir_under_file", "evaluate", r"--output-dir .*afile is a file, not a directory", False),
+]
+
+
+@pytest.mark.parametrize("row, command, message, no_workdir", ROWS, ids=[r[0] for r in ROWS])
+def test_user_error_is_one_line_exit_2(row, command, message, no_workdir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anything created by a default relative path stays in tmp_path
+    argv = _setup_row(row, tmp_path)
+    before = _snapshot(tmp_path)
+    assert main(argv) == 2
+    _assert_one_line_error(capsys, command, message)
+    after = _snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before, "a pre-existing file changed or vanished"
+    if no_workdir:  # validation came before any tokenizer, dataset or directory work
+        assert not os.path.exists(_workdir(tmp_path)) and not os.path.exists(tmp_path / "runs")
+
+
+def test_read_only_workdir_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A read-only file system (or a directory without write permission) as the workdir's parent. The
+    test runs as root on a writable disk, so access(2) is made to answer as a read-only mount would."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access",
+                        lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    assert main(["pretrain", f"workdir={tmp_path / 'run'}"]) == 2
+    _assert_one_line_error(capsys, "pretrain", r"is not writable \(read-only file system or no permission\)")
+    assert os.listdir(tmp_path) == []
+
+
+def test_debug_flag_reraises(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a Hugging Face"):
+        main(["--debug", "convert", str(tmp_path / "empty"), str(tmp_path / "out")])
+
+
+def test_builtin_defaults_are_valid():
+    """`bart-jax pretrain|finetune|run` with no --config: the built-in defaults pass the whole check."""
+    from bart_jax.pipeline import DEFAULT_CONFIG
+    from bart_jax.train.config import check_run_config, load_config
+
+    cfg = load_config(None)
+    cfg.noise.noise_config()
+    check_run_config(cfg)
+    check_run_config(load_config(DEFAULT_CONFIG))
+
+
+# ------------------------------------------------------------------------------- convert keeps what it should
+def test_convert_copies_tokenizer_and_overwrite_replaces_only_a_model_dir(tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(os.path.join(FIXTURES, "bart_default"), src)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(FIXTURES, "tokenizer_bpe", name), src / name)
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out)]) == 0
+    assert (out / "vocab.json").read_bytes() == (src / "vocab.json").read_bytes()
+    assert (out / "merges.txt").exists() and (out / "bart_config.json").exists()
+    # an existing model directory is replaced only when asked, and then leaves nothing stale behind
+    assert main(["convert", str(src), str(out), "--to", "hf", "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")] == []
+
+
+def test_model_dir_write_is_atomic_and_leftovers_do_not_block(tmp_path):
+    from bart_jax.convert import _atomic_write_dir
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "a").write_text("old")
+    (tmp_path / "model.old").mkdir()  # left by an interrupted write of the old code
+    (tmp_path / "model.old" / "x").write_text("x")
+    (tmp_path / ".tmp-model-crashed").mkdir()  # left by a crashed write
+
+    def write(d):
+        with open(os.path.join(d, "b"), "w") as f:
+            f.write("new")
+
+    _atomic_write_dir(str(target), write)
+    assert sorted(os.listdir(target)) == ["b"]
+    assert not (tmp_path / ".tmp-model-crashed").exists()
+
+    def fail(d):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        _atomic_write_dir(str(target), fail)
+    assert sorted(os.listdir(target)) == ["b"]  # the old directory is untouched by a failed write
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")] == []
+
+
+# ------------------------------------------------------------------------------- evaluate writes as it goes
+def test_evaluate_keeps_predictions_made_before_an_interrupt(tmp_path, monkeypatch, capsys):
+    from bart_jax.decode import cli as decode_cli
+
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("".join(json.dumps({"document": f"doc {i}", "summary": "s"}) + "\n" for i in range(4)))
+
+    def two_then_ctrl_c(documents, *args, **kwargs):
+        for i, _ in enumerate(documents):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield [f"prediction {i}"], [0.0]
+
+    def tiny_model(path, tokenizer_path=None, **overrides):
+        from bart_jax import preset
+        from bart_jax.data.tokenizer import load_tokenizer
+
+        return preset("tiny", vocab_size=401), None, load_tokenizer(os.path.join(FIXTURES, "tokenizer_bpe"))
+
+    monkeypatch.setattr(decode_cli, "generate_texts", two_then_ctrl_c)
+    monkeypatch.setattr(decode_cli, "load_model_for_inference", tiny_model)
+    argv = ["evaluate", "--checkpoint", os.path.join(FIXTURES, "bart_default"), "--data", str(pairs),
+            "--split", "test", "--output-dir", str(tmp_path / "eval")]
+    try:
+        rc = main(argv)
+    except KeyboardInterrupt:  # (would stop the whole pytest session)
+        pytest.fail("Ctrl-C escaped the CLI as a KeyboardInterrupt")
+    assert rc == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "bart-jax evaluate: interrupted"
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.test.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == ["prediction 0", "prediction 1"]
+
+
+# ------------------------------------------------------------------------------- locks
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
+    from bart_jax.runlock import run_directory_lock
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / ".lock").write_text(f"{pid} 2020-01-01T00:00:00Z\n")
+    with caplog.at_level(logging.WARNING, logger="bart_jax.runlock"):
+        with run_directory_lock(tmp_path):
+            assert (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
+            with run_directory_lock(tmp_path):  # re-entrant in one process (the main job and its stages)
+                pass
+    assert f"taking over the lock left by pid {pid}" in caplog.text and "no longer running" in caplog.text
+
+
+def test_same_dataset_built_by_two_builders_at_once(tmp_path):
+    from bart_jax.data.datasets import prepare_text_corpus
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"document number {i}.\n" for i in range(50)))
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(prepare_text_corpus({"train": [corpus]}, tmp_path / "data"))
+        except Exception as e:  # noqa: BLE001 - collected for the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(results) == 2
+    assert results[0].path == results[1].path and len(results[0]["train"]) == len(results[1]["train"]) == 50
+
+
+# ------------------------------------------------------------------------------- subprocesses: signals, lock
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A small tokenizer and prepared corpus, so a training subprocess starts in seconds."""
+    from bart_jax.data import train_tokenizer
+    from bart_jax.data.datasets import prepare_text_corpus
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7))) for _ in range(300)]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 20))) + "." for _ in range(400)]
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
+    train_tokenizer([str(root / "corpus.txt")], 320, root / "tok")
+    ds = prepare_text_corpus({"train": [root / "corpus.txt"], "validation": [root / "corpus.txt"]}, root / "data")
+    return str(root / "tok"), ds.path
+
+
+def _train_argv(workdir, tiny_data, steps=100000, progress_bar=False):
+    tok, data = tiny_data
+    return [sys.executable, "-m", "bart_jax.cli", "pretrain", "--config", TINY, f"workdir={workdir}",
+            f"data.tokenizer={tok}", f"data.pretrain_source={data}", f"pretrain.train.steps={steps}",
+            "pretrain.train.batch_size=4", "pretrain.train.source_length=16", "pretrain.schedule.warmup_steps=0",
+            f"pretrain.train.progress_bar={str(progress_bar).lower()}", "pretrain.train.log_every=1",
+            "pretrain.train.eval_every=0", "pretrain.train.checkpoint_every=100000",
+            "pretrain.train.peak_flops_per_device=1e9"]
+
+
+def _env():
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+
+
+def _start_training(workdir, tiny_data, log):
+    out = open(log, "w")
+    proc = subprocess.Popen(_train_argv(workdir, tiny_data), cwd=ROOT, env=_env(), stdout=out,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, out
+
+
+def _wait_for(predicate, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("training did not get going in time")
+        time.sleep(0.2)
+
+
+def _training_step(log) -> int:
+    steps = re.findall(r"pretrain step (\d+):", open(log).read())
+    return int(steps[-1]) if steps else 0
+
+
+@pytest.mark.slow
+def test_sigint_checkpoints_at_step_boundary_and_resume_says_so(tmp_path, tiny_data):
+    workdir, log = tmp_path / "run", tmp_path / "train.log"
+    proc, out = _start_training(workdir, tiny_data, log)
+    try:
+        _wait_for(lambda: _training_step(log) >= 2, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        out.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    match = re.fullmatch(r"bart-jax pretrain: interrupted at step (\d+) \(pretrain\); checkpoint saved in "
+                         r"(\S+); run the same command to resume", last)
+    assert match, last
+    step = int(match.group(1))
+    assert step >= 2 and match.group(2) == str(workdir / "pretrain" / "checkpoints" / str(step))
+    assert os.path.isdir(match.group(2))
+    # Resuming (with a progress bar this time) says where it starts from.
+    resumed = subprocess.run(_train_argv(workdir, tiny_data, steps=step + 1, progress_bar=True), cwd=ROOT,
+                             env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {step}" in resumed.stdout + resumed.stderr
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["final_step"] == step + 1
+
+
+@pytest.mark.slow
+def test_second_process_on_a_run_directory_fails_at_once_and_sigterm_saves(tmp_path, tiny_data):
+    workdir, log = tmp_path / "run", tmp_path / "train.log"
+    proc, out = _start_training(workdir, tiny_data, log)
+    try:
+        _wait_for(lambda: _training_step(log) >= 1, proc)
+        before = _snapshot(workdir / "pretrain" / "checkpoints")
+        second = subprocess.run(_train_argv(workdir, tiny_data), cwd=ROOT, env=_env(), capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert "Traceback" not in second.stderr
+        assert re.fullmatch(rf"bart-jax pretrain: error: run directory {re.escape(str(workdir))} is in use by "
+                            rf"pid {proc.pid} \(started [0-9T:Z-]+\); .*", second.stderr.strip().splitlines()[-1])
+        assert proc.poll() is None, "the first run was disturbed"
+        assert _snapshot(workdir / "pretrain" / "checkpoints").keys() >= before.keys()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        out.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert re.search(r"interrupted at step \d+ \(pretrain\); checkpoint saved in ", err.strip().splitlines()[-1])
+    assert (workdir / ".lock").read_text() == ""  # released on the way out
+
+
+@pytest.mark.slow
+def test_error_after_checkpointer_start_prints_nothing_after_it(tmp_path, tiny_data):
+    """A user error raised once orbax's checkpoint manager exists: its threads are shut down first, so the
+    one-line message is the last thing printed (no 'cannot schedule new futures' traceback)."""
+    # Leftovers of crashed saves keep orbax's clean-up thread busy past the error (deterministically).
+    for i in range(300):
+        os.makedirs(tmp_path / "run" / "pretrain" / "checkpoints" / f"{i}.orbax-checkpoint-tmp-{i}" / "state")
+    argv = _train_argv(tmp_path / "run", tiny_data) + ["model.vocab_size=300"]  # tokenizer has 320 ids
+    proc = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
+    assert re.fullmatch(r"bart-jax pretrain: error: the tokenizer has 320 tokens but model.vocab_size is 300; .*",
+                        proc.stderr.strip().splitlines()[-1])
