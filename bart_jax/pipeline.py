@@ -3,9 +3,9 @@
 It also fine-tunes the same model from random initialisation with the same budget and scores the lead
 baseline (the document's first sentence), so the printout shows whether pretraining helped.
 
-    bart-jax run                          # configs/tiny.yaml on the built-in corpus, ~9 minutes on 2 CPU cores
+    bart-jax run                          # the bundled `tiny` config on the built-in corpus, ~9 minutes on 2 CPU cores
     bart-jax run --quick                  # a smoke-sized run (< 2 minutes), used by the test suite
-    bart-jax run --config configs/base.yaml --workdir runs/base mesh.fsdp=8 ...   # same job, bigger config
+    bart-jax run --config base --workdir runs/base mesh.fsdp=8 ...   # same job, bigger config
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+DEFAULT_CONFIG = "tiny"  # bundled in bart_jax/configs (package data), so a wheel install runs it too
 
 # --quick: every stage runs for real, just briefly (the test suite runs this end to end).
 QUICK_OVERRIDES = (
@@ -164,7 +162,7 @@ def cli_main(argv: Sequence[str]) -> int:
         prog="bart-jax run",
         description="The main job: tokenizer -> pretrain -> fine-tune (and a random-init control) -> beam "
                     "search -> ROUGE against the lead baseline.")
-    parser.add_argument("--config", default=None, help=f"run config YAML (default {DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=None, help=f"run config: a bundled name (tiny, base, large) or a YAML path (default {DEFAULT_CONFIG})")
     parser.add_argument("--workdir", default=None, help="run directory (default: the config's workdir)")
     parser.add_argument("--quick", action="store_true", help="a smoke-sized run (under 2 minutes)")
     parser.add_argument("--batch-size", type=int, default=16, help="documents per beam-search batch")

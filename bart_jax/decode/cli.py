@@ -73,7 +73,7 @@ def _add_model_and_control_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the checkpoint directory)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype override")
     parser.add_argument("--preset", default="default",
-                        help="generation preset: a name in configs/generation (default, cnn_dm, xsum) or a YAML path")
+                        help="generation preset: a bundled name (default, cnn_dm, xsum) or a YAML path")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-source-length", type=int, default=None,
                         help="truncate documents to this many tokens (default: max_position_embeddings)")

@@ -9,7 +9,6 @@ are traced values, and `pad_batch` buckets inputs so a stream of documents reuse
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -34,8 +33,6 @@ CONTROL_NAMES = (
     "early_stopping", "no_repeat_ngram_size", "forced_bos_token_id", "forced_eos_token_id",
     "decoder_start_token_id", "num_return_sequences", "do_sample", "temperature", "top_k", "top_p",
 )
-
-GENERATION_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "generation"
 
 
 class GenerateOutput(NamedTuple):
@@ -144,17 +141,17 @@ def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=
 
 # ----------------------------------------------------------------------------- presets and bucketing
 def load_generation_preset(name_or_path: str) -> dict[str, Any]:
-    """Controls from a named preset in configs/generation (e.g. 'cnn_dm', 'xsum', 'default') or a YAML path."""
+    """Controls from a bundled preset in bart_jax/configs/generation (e.g. 'cnn_dm', 'xsum', 'default') or a
+    YAML path."""
     import yaml
 
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = GENERATION_CONFIG_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in GENERATION_CONFIG_DIR.glob("*.yaml"))
-        raise ValueError(f"generation preset {name_or_path!r}: no file {path}; named presets: {names}")
-    with open(path) as f:
-        controls = yaml.safe_load(f) or {}
+    from bart_jax import configs
+
+    path, text = configs.read_text(name_or_path, configs.GENERATION)
+    try:
+        controls = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML ({e})") from e
     if not isinstance(controls, dict):
         raise ValueError(f"{path}: expected a mapping of generation controls, got {type(controls).__name__}")
     unknown = sorted(set(controls) - set(CONTROL_NAMES))
