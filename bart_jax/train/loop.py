@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -36,6 +37,8 @@ ARCH_NEUTRAL_FIELDS = frozenset({
     "dropout", "attention_dropout", "activation_dropout", "dtype", "param_dtype", "remat_policy", "scan_layers",
     "attention_implementation", "forced_bos_token_id", "forced_eos_token_id"})
 EVAL_NOISE_SEED_OFFSET = 7919  # eval batches are noised by a fixed stream, distinct from training's
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -129,23 +132,75 @@ def initialize_distributed(cfg: RunConfig) -> None:
                                    process_id=d.process_id)
 
 
+TOKENIZER_PROVENANCE_FILE = "trained_from.json"
+_PROVENANCE_LABELS = {"pretrain_source": "data.pretrain_source", "tokenizer_vocab_size": "data.tokenizer_vocab_size",
+                      "dataset_fingerprint": "the pretraining dataset's content fingerprint"}
+
+
+def _tokenizer_provenance(cfg: RunConfig) -> dict:
+    """What a workdir tokenizer is trained from: the pretraining source (a prepared dataset also by its
+    content fingerprint) and the vocabulary size."""
+    source = cfg.data.pretrain_source
+    out = {"pretrain_source": source, "tokenizer_vocab_size": cfg.data.tokenizer_vocab_size}
+    if source != "builtin":
+        out["pretrain_source"] = os.path.abspath(source)
+        try:
+            with open(os.path.join(source, "metadata.json")) as f:
+                out["dataset_fingerprint"] = json.load(f).get("fingerprint")
+        except (OSError, ValueError):
+            pass  # not a prepared dataset: `prepared_dataset` says so when it is opened
+    return out
+
+
+def _check_tokenizer_provenance(cfg: RunConfig, directory: str) -> None:
+    """Refuse a workdir tokenizer trained from another source or with another vocabulary size."""
+    path = os.path.join(directory, TOKENIZER_PROVENANCE_FILE)
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except FileNotFoundError:
+        logger.warning("%s has no %s (trained by an older bart_jax): cannot check that it matches "
+                       "data.pretrain_source and data.tokenizer_vocab_size", directory, TOKENIZER_PROVENANCE_FILE)
+        return
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); delete {directory} to retrain the tokenizer") from None
+    wanted = _tokenizer_provenance(cfg)
+    differ = [k for k in wanted if k in stored and stored[k] != wanted[k]]
+    if differ:
+        def show(d):
+            return ", ".join(f"{_PROVENANCE_LABELS[k]}={d.get(k)!r}" for k in differ)
+
+        raise ValueError(
+            f"the tokenizer in {directory} was trained with {show(stored)}, but this run has {show(wanted)}; "
+            f"delete {directory} to train a new one, or set data.tokenizer={directory} to use it as it is")
+
+
 def load_or_train_tokenizer(cfg: RunConfig):
     """`data.tokenizer` if set; else the tokenizer in `<workdir>/tokenizer`, trained there on the
-    pretraining corpus's train split the first time."""
+    pretraining corpus's train split the first time. What it was trained from (source, vocabulary size) is
+    recorded beside it in `trained_from.json`; a later run configured otherwise is refused (ValueError)."""
     from bart_jax.data import load_tokenizer, train_tokenizer
 
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer
     directory = os.path.join(cfg.workdir, "tokenizer")
     try:
-        return load_tokenizer(directory), directory
+        tok = load_tokenizer(directory)
     except FileNotFoundError:
         pass
+    else:
+        _check_tokenizer_provenance(cfg, directory)
+        return tok, directory
     if jax.process_count() > 1:
         raise ValueError("multi-host runs need data.tokenizer (a tokenizer trained beforehand); training one "
                          "in every process would race on the shared workdir")
-    return train_tokenizer(_tokenizer_texts(cfg), cfg.data.tokenizer_vocab_size, directory,
-                           seed=cfg.data.shuffle_seed), directory
+    tok = train_tokenizer(_tokenizer_texts(cfg), cfg.data.tokenizer_vocab_size, directory,
+                          seed=cfg.data.shuffle_seed)
+    tmp = os.path.join(directory, TOKENIZER_PROVENANCE_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(_tokenizer_provenance(cfg), f, indent=1)
+    os.replace(tmp, os.path.join(directory, TOKENIZER_PROVENANCE_FILE))
+    return tok, directory
 
 
 def _tokenizer_texts(cfg: RunConfig):
