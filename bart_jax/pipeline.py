@@ -81,8 +81,11 @@ def _summarize_all(model_dir: str, documents: list[str], controls: dict, batch_s
 
 
 def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
-                 quick: bool = False, workdir: str | None = None, batch_size: int = 16) -> JobResult:
-    """Run the whole job and return its results (also printed, and written to `<workdir>/summary.json`)."""
+                 quick: bool = False, workdir: str | None = None, batch_size: int = 16,
+                 allow_config_change: bool = False) -> JobResult:
+    """Run the whole job and return its results (also printed, and written to `<workdir>/summary.json`).
+
+    allow_config_change: let a rerun resume training stages whose settings changed (see `pretrain`)."""
     from bart_jax.decode.rouge import rouge_scores
     from bart_jax.train.config import apply_overrides, load_config
     from bart_jax.train.loop import finetune, load_or_train_tokenizer, pretrain
@@ -100,12 +103,12 @@ def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequen
     print(f"  SentencePiece tokenizer with {tok.vocab_size} pieces in {tokenizer_dir}")
 
     _stage_banner(2, "denoising pretraining")
-    pre = pretrain(cfg)
+    pre = pretrain(cfg, allow_config_change=allow_config_change)
     _stage_banner(3, "fine-tuning from the pretrained model")
-    fine = finetune(cfg)
+    fine = finetune(cfg, allow_config_change=allow_config_change)
     _stage_banner(4, "fine-tuning from random initialisation (same budget, for comparison)")
     scratch_cfg = apply_overrides(cfg, ["finetune.init_from=null", f"finetune.run_name={SCRATCH_RUN}"])
-    scratch = finetune(scratch_cfg)
+    scratch = finetune(scratch_cfg, allow_config_change=allow_config_change)
 
     _stage_banner(5, "beam search on the test split and ROUGE")
     pairs = _test_pairs(cfg, QUICK_TEST_PAIRS if quick else None)
@@ -166,10 +169,13 @@ def cli_main(argv: Sequence[str]) -> int:
     parser.add_argument("--workdir", default=None, help="run directory (default: the config's workdir)")
     parser.add_argument("--quick", action="store_true", help="a smoke-sized run (under 2 minutes)")
     parser.add_argument("--batch-size", type=int, default=16, help="documents per beam-search batch")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume training stages even if their settings changed (logged)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides")
     args = parser.parse_args(list(argv))
     try:
-        run_main_job(args.config, args.overrides, quick=args.quick, workdir=args.workdir, batch_size=args.batch_size)
+        run_main_job(args.config, args.overrides, quick=args.quick, workdir=args.workdir, batch_size=args.batch_size,
+                     allow_config_change=args.allow_config_change)
     except ValueError as e:
         print(f"bart-jax run: {e}", file=sys.stderr)
         return 2

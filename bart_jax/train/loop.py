@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,18 +72,21 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------ entry points
-def pretrain(cfg: RunConfig, *, stop_at_step: int | None = None) -> TrainResult:
+def pretrain(cfg: RunConfig, *, stop_at_step: int | None = None, allow_config_change: bool = False) -> TrainResult:
     """Denoising pretraining: clean {'tokens'} batches are noised on device inside the train step.
 
     stop_at_step: return once the global step reaches this value without writing a final checkpoint
     (what a preempted job leaves behind); rerunning resumes from the last checkpoint.
+    allow_config_change: resume even when training settings (`RESUME_CHECKED_KEYS`) differ from the
+    checkpoint's, logging what changed; otherwise that is a ValueError.
     """
-    return run_stage(cfg, "pretrain", stop_at_step=stop_at_step)
+    return run_stage(cfg, "pretrain", stop_at_step=stop_at_step, allow_config_change=allow_config_change)
 
 
-def finetune(cfg: RunConfig, *, stop_at_step: int | None = None) -> TrainResult:
-    """Fine-tuning on document -> summary pairs, initialised from `cfg.finetune.init_from`."""
-    return run_stage(cfg, "finetune", stop_at_step=stop_at_step)
+def finetune(cfg: RunConfig, *, stop_at_step: int | None = None, allow_config_change: bool = False) -> TrainResult:
+    """Fine-tuning on document -> summary pairs, initialised from `cfg.finetune.init_from` (arguments as
+    for `pretrain`)."""
+    return run_stage(cfg, "finetune", stop_at_step=stop_at_step, allow_config_change=allow_config_change)
 
 
 def cli_pretrain(argv: list[str]) -> int:
@@ -100,6 +104,7 @@ def _cli(stage: str, argv: list[str]) -> int:
                     "model.dtype=bfloat16 mesh.fsdp=4.")
     parser.add_argument("--config", help="run config: a bundled name (tiny, base, large) or a YAML path")
     parser.add_argument("--variant", help="named bundle of overrides from the config's `variants` section")
+    parser.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
@@ -108,7 +113,7 @@ def _cli(stage: str, argv: list[str]) -> int:
         print(f"bart-jax {stage}: config error: {e}", file=sys.stderr)
         return 2
     try:
-        result = run_stage(cfg, stage)
+        result = run_stage(cfg, stage, allow_config_change=args.allow_config_change)
     except TrainingDiverged as e:
         print(f"bart-jax {stage}: {e}", file=sys.stderr)
         return 1
@@ -380,8 +385,10 @@ def _gather_params(params):
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
 
 
-def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) -> TrainResult:
-    """Train `stage` ('pretrain' | 'finetune') as configured, resuming from the run's latest checkpoint."""
+def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
+              allow_config_change: bool = False) -> TrainResult:
+    """Train `stage` ('pretrain' | 'finetune') as configured, resuming from the run's latest checkpoint
+    (refused when training settings changed, unless `allow_config_change`; see `check_resume_config`)."""
     initialize_distributed(cfg)
     sc = cfg.stage(stage)
     t = sc.train
@@ -401,7 +408,9 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) ->
     latest = ckpt.latest_step()
     if latest is not None:  # resuming: the architecture is the one this run started with
         where = os.path.join(checkpoint_dir, str(latest))
-        stored = _stored_model_config(ckpt_lib.read_checkpoint_config(where), where)
+        stored_dict = ckpt_lib.read_checkpoint_config(where)
+        stored = _stored_model_config(stored_dict, where)
+        check_resume_config(stored_dict.get("run"), cfg, stage, where, allow_config_change)
         model_config = _merge_model_config(stored, cfg, where)
         init = None
     else:
@@ -584,6 +593,72 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) ->
                        run_dir=run_dir, checkpoint_dir=checkpoint_dir, model_dir=model_dir,
                        tokenizer_dir=tokenizer_dir, best_step=best, resumed_from=resumed_from,
                        nonfinite_total=int(jax.device_get(state.nonfinite_total)), model_config=model_config)
+
+
+# Settings that define the training trajectory a checkpoint is part of: the learning-rate schedule is built
+# from them, the optimizer state and data-iterator position only mean something under them. Everything
+# else (logging, evaluation and checkpoint cadence, mesh, dtype, remat...) may change on resume.
+RESUME_CHECKED_KEYS = (
+    "{stage}.optimizer", "{stage}.schedule", "{stage}.train.steps", "{stage}.train.batch_size",
+    "{stage}.train.micro_batches", "{stage}.train.source_length", "{stage}.train.target_length",
+    "{stage}.train.seed", "{stage}.train.label_smoothing", "data.{stage}_source", "data.train_split",
+    "data.shuffle_seed", "noise")
+ALLOW_CONFIG_CHANGE_HELP = ("resume even if training settings (steps, optimizer, schedule, batch size, lengths, "
+                            "data, noise) differ from the checkpoint's; what changed is logged")
+
+
+_MISSING = object()
+
+
+def _flatten(value, prefix: str) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+def resume_config_changes(stored_run: dict, cfg: RunConfig, stage: str) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every `RESUME_CHECKED_KEYS` setting that differs.
+    Keys the stored config lacks (written by an older version) are not compared."""
+    # Through JSON, as the checkpoint stored it, so tuples and lists compare equal.
+    current = json.loads(json.dumps(cfg.to_dict()))
+    changes = []
+    for pattern in RESUME_CHECKED_KEYS:
+        if pattern == "noise" and stage != "pretrain":
+            continue  # only pretraining noises its batches
+        path = pattern.format(stage=stage).split(".")
+        old, new = stored_run, current
+        for part in path:
+            old = old.get(part, _MISSING) if isinstance(old, dict) else _MISSING
+            new = new.get(part, _MISSING) if isinstance(new, dict) else _MISSING
+        if old is _MISSING:
+            continue
+        flat_old, flat_new = _flatten(old, ".".join(path)), _flatten(new, ".".join(path))
+        for key in sorted(set(flat_old) | set(flat_new)):
+            a, b = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
+            if a != b:
+                changes.append((key, None if a is _MISSING else a, None if b is _MISSING else b))
+    return changes
+
+
+def check_resume_config(stored_run: dict | None, cfg: RunConfig, stage: str, where: str,
+                        allow_config_change: bool) -> None:
+    """Refuse (ValueError) to resume from the checkpoint at `where` when this run's training settings differ
+    from the ones it was trained with; with `allow_config_change`, log the changes and go on."""
+    if not isinstance(stored_run, dict):
+        return  # nothing stored to compare with
+    changes = resume_config_changes(stored_run, cfg, stage)
+    if not changes:
+        return
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
+    if allow_config_change:
+        logger.warning("resuming from %s with changed training settings (allowed): %s", where, listed)
+        return
+    raise ValueError(f"resuming from {where}: this run's training settings differ from the checkpoint's "
+                     f"(checkpoint -> now) {listed}; pass --allow-config-change (allow_config_change=True) to "
+                     "resume with the new settings, or train into another workdir / run_name")
 
 
 def _stored_model_config(stored: dict, where: str) -> BartConfig:
