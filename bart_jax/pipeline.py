@@ -40,6 +40,7 @@ class JobResult:
 
     workdir: str
     rouge: dict[str, dict[str, float]]  # system -> {rouge1, rouge2, rougeL, rougeLsum}
+    denoiser: dict  # the pretrained model as a denoiser (bart_jax.train.denoiser.DenoiserReport fields)
     losses: dict[str, list[float]]  # stage -> training losses
     predictions: dict[str, str]  # system -> predictions file
     model_dirs: dict[str, str]
@@ -55,29 +56,83 @@ def lead_summary(document: str, max_words: int) -> str:
     return " ".join(words[:max_words])
 
 
+def evaluate_denoiser(cfg, model_dir: str, num_batches: int):
+    """The pretrained model in `model_dir` as a denoiser on the pretraining validation split."""
+    from bart_jax.convert import from_pretrained
+    from bart_jax.data import load_tokenizer
+    from bart_jax.train.denoiser import measure_denoiser
+    from bart_jax.train.loop import noise_batch_fns, prepared_dataset, stage_batches
+
+    config, params = from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
+    batches = stage_batches(cfg, "pretrain", tok, prepared_dataset(cfg, "pretrain"), cfg.pretrain.train.batch_size,
+                            cfg.data.eval_split, shuffle=False)
+    _, eval_noise = noise_batch_fns(cfg, tok)
+    return measure_denoiser(config, params, tok, batches, eval_noise, num_batches)
+
+
+def _print_denoiser(report) -> None:
+    print(f"  as a denoiser on {report.tokens} validation tokens (teacher-forced token accuracy):")
+    print(f"    reconstructing clean text from clean input  {100 * report.clean_accuracy:5.1f}%")
+    print(f"    reconstructing clean text from noised input {100 * report.noised_accuracy:5.1f}%   "
+          f"(copying the noised input: {100 * report.copy_accuracy:.1f}%)")
+    for key in ("clean", "noised", "reconstruction"):
+        print(f"    {key + ':':<16}{_cut(report.example.get(key, ''), 300)}")
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+
+
+def _print_examples(pairs: list[dict], systems: dict[str, list[str]], count: int) -> None:
+    print(f"\nThe first {min(count, len(pairs))} test examples:")
+    for i, pair in enumerate(pairs[:count]):
+        print(f"  [{i + 1}] document:  {_cut(pair['document'], 240)}")
+        print(f"      reference: {pair['summary']}")
+        for name, predictions in systems.items():
+            print(f"      {name.split(' (')[0] + ':':<23}{predictions[i]}")
+
+
 def _stage_banner(number: int, title: str):
     print(f"\n[{number}/5] {title}", flush=True)
 
 
-def _test_pairs(cfg, limit: int | None) -> list[dict]:
+def split_pairs(cfg, split: str, limit: int | None = None) -> list[dict]:
+    """{'document', 'summary'} pairs of a split of the run's fine-tuning data."""
     from bart_jax.decode.cli import read_pairs
     from bart_jax.train.loop import prepared_dataset
 
     dataset = prepared_dataset(cfg, "finetune")
-    pairs = read_pairs(str(dataset.path), "test", limit)
+    pairs = read_pairs(str(dataset.path), split, limit)
     if not pairs:
-        raise ValueError(f"the fine-tuning data {cfg.data.finetune_source!r} has no test pairs")
+        raise ValueError(f"the fine-tuning data {cfg.data.finetune_source!r} has no {split} pairs")
     return pairs
 
 
-def _summarize_all(model_dir: str, documents: list[str], controls: dict, batch_size: int, desc: str) -> list[str]:
-    from tqdm import tqdm
+def summary_controls(cfg) -> dict:
+    """The beam search the main job scores with."""
+    return dict(num_beams=4, max_length=cfg.finetune.train.target_length, min_length=3, length_penalty=1.0,
+                no_repeat_ngram_size=3, early_stopping=True)
 
+
+def summarize_documents(model_dir: str, documents: list[str], controls: dict, batch_size: int,
+                        bar=None) -> list[str]:
+    """The best beam of `controls`' search for each document, with the model and tokenizer in `model_dir`."""
     from bart_jax.decode.cli import generate_texts, load_model_for_inference
 
     config, params, tokenizer = load_model_for_inference(model_dir)
-    results = generate_texts(documents, config, params, tokenizer, controls, batch_size)
-    return [texts[0] for texts, _ in tqdm(results, total=len(documents), desc=desc, unit="doc")]
+    summaries = []
+    for texts, _ in generate_texts(documents, config, params, tokenizer, controls, batch_size):
+        summaries.append(texts[0])
+        if bar is not None:
+            bar.update(1)
+    return summaries
+
+
+def lead_summaries(documents: list[str], references: list[str]) -> list[str]:
+    """The lead baseline with as many words as an average reference has."""
+    mean_words = max(1, round(sum(len(r.split()) for r in references) / len(references)))
+    return [lead_summary(d, mean_words) for d in documents]
 
 
 def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
@@ -86,6 +141,8 @@ def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequen
     """Run the whole job and return its results (also printed, and written to `<workdir>/summary.json`).
 
     allow_config_change: let a rerun resume training stages whose settings changed (see `pretrain`)."""
+    from tqdm import tqdm
+
     from bart_jax.decode.rouge import rouge_scores
     from bart_jax.train.config import apply_overrides, load_config
     from bart_jax.train.loop import finetune, load_or_train_tokenizer, pretrain
@@ -104,6 +161,8 @@ def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequen
 
     _stage_banner(2, "denoising pretraining")
     pre = pretrain(cfg, allow_config_change=allow_config_change)
+    denoiser = evaluate_denoiser(cfg, pre.model_dir, num_batches=2 if quick else 8)
+    _print_denoiser(denoiser)
     _stage_banner(3, "fine-tuning from the pretrained model")
     fine = finetune(cfg, allow_config_change=allow_config_change)
     _stage_banner(4, "fine-tuning from random initialisation (same budget, for comparison)")
@@ -111,19 +170,17 @@ def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequen
     scratch = finetune(scratch_cfg, allow_config_change=allow_config_change)
 
     _stage_banner(5, "beam search on the test split and ROUGE")
-    pairs = _test_pairs(cfg, QUICK_TEST_PAIRS if quick else None)
+    pairs = split_pairs(cfg, "test", QUICK_TEST_PAIRS if quick else None)
     documents = [p["document"] for p in pairs]
     references = [p["summary"] for p in pairs]
     target_len = cfg.finetune.train.target_length
-    controls = dict(num_beams=4, max_length=target_len, min_length=3, length_penalty=1.0,
-                    no_repeat_ngram_size=3, early_stopping=True)
-    # The lead baseline gets as many words as an average reference has.
-    mean_words = max(1, round(sum(len(r.split()) for r in references) / len(references)))
-    systems = {
-        "pretrained+finetuned": _summarize_all(fine.model_dir, documents, controls, batch_size, "pretrained"),
-        "random-init finetuned": _summarize_all(scratch.model_dir, documents, controls, batch_size, "random init"),
-        "lead (first sentence)": [lead_summary(d, mean_words) for d in documents],
-    }
+    controls = summary_controls(cfg)
+    with tqdm(total=2 * len(documents), desc="beam search", unit="doc", dynamic_ncols=True) as bar:
+        systems = {
+            "pretrained+finetuned": summarize_documents(fine.model_dir, documents, controls, batch_size, bar),
+            "random-init finetuned": summarize_documents(scratch.model_dir, documents, controls, batch_size, bar),
+            "lead (first sentence)": lead_summaries(documents, references),
+        }
     results_dir = os.path.join(cfg.workdir, "results")
     os.makedirs(results_dir, exist_ok=True)
     rouge, prediction_files = {}, {}
@@ -137,7 +194,7 @@ def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequen
         prediction_files[name] = path
 
     result = JobResult(
-        workdir=os.path.abspath(cfg.workdir), rouge=rouge,
+        workdir=os.path.abspath(cfg.workdir), rouge=rouge, denoiser=dataclasses.asdict(denoiser),
         losses={"pretrain": pre.losses, "finetune": fine.losses, SCRATCH_RUN: scratch.losses},
         predictions=prediction_files,
         model_dirs={"pretrain": pre.model_dir, "finetune": fine.model_dir, SCRATCH_RUN: scratch.model_dir},
@@ -154,6 +211,7 @@ def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequen
     for stage, losses in result.losses.items():
         if losses:
             print(f"  {stage} loss: {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
+    _print_examples(pairs, systems, count=3)
     print(f"\nEverything is in {result.workdir}: checkpoints and TensorBoard logs under pretrain/, finetune/, "
           f"{SCRATCH_RUN}/; predictions and summary.json under results/. "
           f"({time.perf_counter() - started:.0f}s)")
@@ -165,7 +223,8 @@ def cli_main(argv: Sequence[str]) -> int:
         prog="bart-jax run",
         description="The main job: tokenizer -> pretrain -> fine-tune (and a random-init control) -> beam "
                     "search -> ROUGE against the lead baseline.")
-    parser.add_argument("--config", default=None, help=f"run config: a bundled name (tiny, base, large) or a YAML path (default {DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=None,
+                        help=f"run config: a bundled name (tiny, base, large) or a YAML path (default {DEFAULT_CONFIG})")
     parser.add_argument("--workdir", default=None, help="run directory (default: the config's workdir)")
     parser.add_argument("--quick", action="store_true", help="a smoke-sized run (under 2 minutes)")
     parser.add_argument("--batch-size", type=int, default=16, help="documents per beam-search batch")

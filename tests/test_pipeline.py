@@ -15,8 +15,20 @@ def test_lead_summary_takes_first_sentence_and_truncates():
 
 
 @pytest.mark.slow
-def test_quick_main_job(tmp_path):
+def test_quick_main_job(tmp_path, capsys):
     result = run_main_job(quick=True, workdir=str(tmp_path / "run"))
+    printed = capsys.readouterr().out
+    # the pretrained model is measured as a denoiser and the measurement printed, with one reconstruction
+    assert set(result.denoiser) >= {"clean_accuracy", "noised_accuracy", "copy_accuracy", "example"}
+    assert 0.0 <= result.denoiser["clean_accuracy"] <= 1.0 and 0.0 < result.denoiser["copy_accuracy"] <= 1.0
+    assert set(result.denoiser["example"]) == {"clean", "noised", "reconstruction"}
+    assert "reconstructing clean text from clean input" in printed and "copying the noised input" in printed
+    # the printout ends with three test examples: document, reference, each system's summary
+    examples = printed[printed.index("The first 3 test examples"):]
+    assert examples.count("document:") == 3 and examples.count("reference:") == 3
+    assert examples.count("lead:") == 3 and examples.count("pretrained+finetuned:") == 3
+    # TFDS's own banners (with temporary directory names) stay out of the printout
+    assert "Downloading and preparing" not in printed and "incomplete." not in printed
     # every training stage ran and its loss fell
     for stage, losses in result.losses.items():
         assert len(losses) >= 20, stage

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import collections.abc
+import contextlib
 import csv
 import dataclasses
 import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -356,8 +358,17 @@ def _prepare(builder_cls, config, data_dir, fingerprint: str, overwrite: bool) -
     mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     if overwrite:
         mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    _quiet_build(builder, tfds.download.DownloadConfig(download_mode=mode))
     return load_prepared(path)
+
+
+def _quiet_build(builder, download_config) -> None:
+    """download_and_prepare without TFDS's progress bars and its stdout banners (temporary directory names):
+    one log line instead; the caller shows its own progress."""
+    logging.getLogger(__name__).info("building dataset %s", builder.data_path)
+    tfds.disable_progress_bar()
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(download_config=download_config)
 
 
 def _check_split_paths(split_paths: dict) -> dict:

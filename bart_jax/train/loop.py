@@ -292,7 +292,7 @@ def _vocab_check(model_config: BartConfig, tok) -> None:
 
 
 # ------------------------------------------------------------------------------------------ data
-def _train_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, split: str, *, shuffle: bool,
+def stage_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, split: str, *, shuffle: bool,
                    num_epochs=None):
     from bart_jax.data import finetune_batches, pretrain_batches
 
@@ -308,7 +308,7 @@ def _train_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, s
                             num_workers=cfg.data.num_workers)
 
 
-def _noise_batch_fns(cfg: RunConfig, tok):
+def noise_batch_fns(cfg: RunConfig, tok):
     """(train batch_fn, eval batch_fn) that noise {'tokens'} on device with keys from (seed, index)."""
     from bart_jax import noise
 
@@ -436,12 +436,12 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
         state, _ = create_train_state(model_config, optimizer, mesh, t.seed, params=params)
 
     dataset = prepared_dataset(cfg, stage)
-    train_it = _train_batches(cfg, stage, tok, dataset, local_batch, cfg.data.train_split, shuffle=True)
+    train_it = stage_batches(cfg, stage, tok, dataset, local_batch, cfg.data.train_split, shuffle=True)
     if data_states:
         train_it.set_state(data_states[jax.process_index()])
 
     if stage == "pretrain":
-        train_batch_fn, eval_batch_fn = _noise_batch_fns(cfg, tok)
+        train_batch_fn, eval_batch_fn = noise_batch_fns(cfg, tok)
     else:
         train_batch_fn = eval_batch_fn = identity_batch
     train_step = compile_train_step(
@@ -456,7 +456,7 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
     def evaluate(params) -> dict[str, float]:
         from bart_jax.data import to_global_batch
 
-        it = _train_batches(cfg, stage, tok, dataset, local_batch, cfg.data.eval_split, shuffle=False,
+        it = stage_batches(cfg, stage, tok, dataset, local_batch, cfg.data.eval_split, shuffle=False,
                             num_epochs=None if stage == "pretrain" else 1)
         sums = None
         for i in range(t.eval_batches):

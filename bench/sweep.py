@@ -1,0 +1,127 @@
+"""Sweep of the main job's recipe, scored on the VALIDATION split (the test split is for the final table only).
+
+    python bench/sweep.py [--variants default,v2k,...] [--out bench/out/sweep.json] [--workdir bench/out/sweep]
+    python bench/sweep.py --list
+
+Each variant is the default run config (`bart_jax/configs` tiny) plus `key=value` overrides. A variant runs
+tokenizer -> denoising pretraining -> fine-tuning from the pretrained model -> beam search (the main job's
+controls) on the validation pairs, and reports: the pretrained model as a denoiser (clean- and noised-input
+reconstruction accuracy, copy baseline), validation ROUGE-1/2/L, the lead baseline's ROUGE on the same pairs,
+wall-clock minutes per stage, and ROUGE-L per minute of training. Rows print ranked by validation ROUGE-L.
+Run it on a quiet machine (`uptime`): minutes are wall-clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# Variants: name -> overrides of the default config. Defaults were chosen from these (bench/RESULTS.md).
+_WIDE = ("model.d_model=128", "model.encoder_ffn_dim=512", "model.decoder_ffn_dim=512")
+_VOCAB_4K = ("model.vocab_size=4096", "data.tokenizer_vocab_size=4096")
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    # the previous default: d 64, 2+2 layers, 512 pieces, dropout 0.1, LAMB 5e-3
+    "old_tiny": ("model.d_model=64", "model.encoder_layers=2", "model.decoder_layers=2", "model.encoder_ffn_dim=128",
+                 "model.decoder_ffn_dim=128", "model.vocab_size=512", "data.tokenizer_vocab_size=512",
+                 "model.dropout=0.1", "pretrain.optimizer.learning_rate=5e-3"),
+    "vocab_2k": ("model.vocab_size=2048", "data.tokenizer_vocab_size=2048"),
+    "vocab_8k": ("model.vocab_size=8192", "data.tokenizer_vocab_size=8192"),
+    "d64": ("model.d_model=64", "model.encoder_ffn_dim=256", "model.decoder_ffn_dim=256"),
+    "d192": ("model.d_model=192", "model.encoder_ffn_dim=768", "model.decoder_ffn_dim=768",
+             "model.encoder_attention_heads=6", "model.decoder_attention_heads=6"),
+    "layers_2": ("model.encoder_layers=2", "model.decoder_layers=2"),
+    "layers_4": ("model.encoder_layers=4", "model.decoder_layers=4"),
+    "lr_half": ("pretrain.optimizer.learning_rate=5e-3", "finetune.optimizer.learning_rate=5e-4"),
+    "lr_double": ("pretrain.optimizer.learning_rate=2e-2", "finetune.optimizer.learning_rate=2e-3"),
+    "warmup_long": ("pretrain.schedule.warmup_steps=400", "finetune.schedule.warmup_steps=300"),
+    "batch_32": ("pretrain.train.batch_size=32", "finetune.train.batch_size=32"),
+    "length_64": ("pretrain.train.source_length=64",),
+    "dropout_0.1": ("model.dropout=0.1",),
+    "pretrain_short": ("pretrain.train.steps=1000",),
+    "finetune_short": ("finetune.train.steps=600",),
+}
+
+
+def run_variant(name: str, overrides: tuple[str, ...], workdir: str) -> dict:
+    """Train and score one variant on the validation split; returns its row."""
+    from bart_jax.decode.rouge import rouge_scores
+    from bart_jax.pipeline import (DEFAULT_CONFIG, evaluate_denoiser, lead_summaries, split_pairs,
+                                   summarize_documents, summary_controls)
+    from bart_jax.train.config import load_config
+    from bart_jax.train.loop import finetune, load_or_train_tokenizer, pretrain
+
+    cfg = load_config(DEFAULT_CONFIG, [*overrides, f"workdir={os.path.join(workdir, name)}",
+                                       "pretrain.train.progress_bar=false", "finetune.train.progress_bar=false"])
+    times = {}
+    t0 = time.perf_counter()
+    load_or_train_tokenizer(cfg)
+    times["tokenizer"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    pre = pretrain(cfg)
+    times["pretrain"] = time.perf_counter() - t
+    denoiser = evaluate_denoiser(cfg, pre.model_dir, num_batches=8)
+    t = time.perf_counter()
+    fine = finetune(cfg)
+    times["finetune"] = time.perf_counter() - t
+    pairs = split_pairs(cfg, cfg.data.eval_split)
+    documents, references = [p["document"] for p in pairs], [p["summary"] for p in pairs]
+    t = time.perf_counter()
+    predictions = summarize_documents(fine.model_dir, documents, summary_controls(cfg), batch_size=16)
+    times["decode"] = time.perf_counter() - t
+    rouge = rouge_scores(predictions, references)
+    lead = rouge_scores(lead_summaries(documents, references), references)
+    minutes = (times["pretrain"] + times["finetune"]) / 60
+    return {"name": name, "overrides": list(overrides), "seconds": times, "train_minutes": minutes,
+            "pairs": len(pairs), "rouge": rouge, "lead": lead, "rougeL_per_minute": rouge["rougeL"] / minutes,
+            "denoiser": {"clean": denoiser.clean_accuracy, "noised": denoiser.noised_accuracy,
+                         "copy": denoiser.copy_accuracy},
+            "pretrain_loss": pre.losses[-1] if pre.losses else None,
+            "finetune_eval": fine.eval_metrics, "examples": list(zip(references[:3], predictions[:3]))}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'variant':<16}{'R-1':>7}{'R-2':>7}{'R-L':>7}{'lead R-L':>9}{'clean%':>8}{'noised%':>8}{'copy%':>7}"
+          f"{'train min':>10}{'R-L/min':>9}")
+    for r in sorted(rows, key=lambda r: -r["rouge"]["rougeL"]):
+        d = r["denoiser"]
+        print(f"{r['name']:<16}{r['rouge']['rouge1']:>7.2f}{r['rouge']['rouge2']:>7.2f}{r['rouge']['rougeL']:>7.2f}"
+              f"{r['lead']['rougeL']:>9.2f}{100 * d['clean']:>8.1f}{100 * d['noised']:>8.1f}{100 * d['copy']:>7.1f}"
+              f"{r['train_minutes']:>10.2f}{r['rougeL_per_minute']:>9.2f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="default", help="comma-separated names (see --list)")
+    ap.add_argument("--list", action="store_true", help="print the variants and exit")
+    ap.add_argument("--workdir", default="bench/out/sweep")
+    ap.add_argument("--out", default="bench/out/sweep.json")
+    args = ap.parse_args(argv)
+    if args.list:
+        for name, overrides in VARIANTS.items():
+            print(f"{name:<16}{' '.join(overrides) or '(the default config)'}")
+        return 0
+    names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; see --list")
+    rows = []
+    if os.path.exists(args.out):  # a sweep can be run in pieces: rows of other variants are kept
+        with open(args.out) as f:
+            rows = [r for r in json.load(f)["rows"] if r["name"] not in names]
+    for name in names:
+        row = run_variant(name, VARIANTS[name], args.workdir)
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("name", "rouge", "denoiser", "train_minutes")}), flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"load_average": os.getloadavg(), "rows": rows}, f, indent=1)
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
