@@ -263,11 +263,11 @@ def strip_special(sequence: Sequence[int], config: BartConfig, controls: SearchC
     eos = set(controls.eos_token_id) if controls is not None else {config.eos_token_id}
     pad = controls.pad_token_id if controls is not None else config.pad_token_id
     out = []
-    for token in list(sequence)[1:]:
+    for token in np.asarray(sequence).tolist()[1:]:
         if token in eos:
             break
         if token not in (pad, config.pad_token_id, config.bos_token_id):
-            out.append(int(token))
+            out.append(token)
     return out
 
 
