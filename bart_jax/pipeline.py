@@ -3,9 +3,9 @@
 It also fine-tunes the same model from random initialisation with the same budget and scores the lead
 baseline (the document's first sentence), so the printout shows whether pretraining helped.
 
-    bart-jax run                          # configs/tiny.yaml on the built-in corpus, ~9 minutes on 2 CPU cores
+    bart-jax run                          # the bundled `tiny` config on the built-in corpus, ~9 minutes on 2 CPU cores
     bart-jax run --quick                  # a smoke-sized run (< 2 minutes), used by the test suite
-    bart-jax run --config configs/base.yaml --workdir runs/base mesh.fsdp=8 ...   # same job, bigger config
+    bart-jax run --config base --workdir runs/base mesh.fsdp=8 ...   # same job, bigger config
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import dataclasses
 import json
 import os
 import time
-from pathlib import Path
 from typing import Sequence
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+DEFAULT_CONFIG = "tiny"  # bundled in bart_jax/configs (package data), so a wheel install runs it too
 
 # --quick: every stage runs for real, just briefly (the test suite runs this end to end).
 QUICK_OVERRIDES = (
@@ -137,10 +135,12 @@ def lead_summaries(documents: list[str], references: list[str]) -> list[str]:
 
 
 def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
-                 quick: bool = False, workdir: str | None = None, batch_size: int = 16) -> JobResult:
+                 quick: bool = False, workdir: str | None = None, batch_size: int = 16,
+                 allow_config_change: bool = False) -> JobResult:
     """Run the whole job and return its results (also printed, and written to `<workdir>/summary.json`).
 
-    The whole config is checked before any work, and the run directory is locked for the whole job."""
+    The whole config is checked before any work, and the run directory is locked for the whole job.
+    allow_config_change: let a rerun resume training stages whose settings changed (see `pretrain`)."""
     from bart_jax.runlock import run_directory_lock
     from bart_jax.train.config import check_run_config, load_config
 
@@ -150,10 +150,10 @@ def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequen
     cfg = load_config(config_path or DEFAULT_CONFIG, all_overrides)
     check_run_config(cfg)
     with run_directory_lock(cfg.workdir):
-        return _run_main_job(cfg, config_path, quick, batch_size)
+        return _run_main_job(cfg, config_path, quick, batch_size, allow_config_change)
 
 
-def _run_main_job(cfg, config_path, quick: bool, batch_size: int) -> JobResult:
+def _run_main_job(cfg, config_path, quick: bool, batch_size: int, allow_config_change: bool) -> JobResult:
     from tqdm import tqdm
 
     from bart_jax.decode.rouge import rouge_scores
@@ -168,14 +168,14 @@ def _run_main_job(cfg, config_path, quick: bool, batch_size: int) -> JobResult:
     print(f"  SentencePiece tokenizer with {tok.vocab_size} pieces in {tokenizer_dir}")
 
     _stage_banner(2, "denoising pretraining")
-    pre = pretrain(cfg)
+    pre = pretrain(cfg, allow_config_change=allow_config_change)
     denoiser = evaluate_denoiser(cfg, pre.model_dir, num_batches=2 if quick else 8)
     _print_denoiser(denoiser)
     _stage_banner(3, "fine-tuning from the pretrained model")
-    fine = finetune(cfg)
+    fine = finetune(cfg, allow_config_change=allow_config_change)
     _stage_banner(4, "fine-tuning from random initialisation (same budget, for comparison)")
     scratch_cfg = apply_overrides(cfg, ["finetune.init_from=null", f"finetune.run_name={SCRATCH_RUN}"])
-    scratch = finetune(scratch_cfg)
+    scratch = finetune(scratch_cfg, allow_config_change=allow_config_change)
 
     _stage_banner(5, "beam search on the test split and ROUGE")
     pairs = split_pairs(cfg, "test", QUICK_TEST_PAIRS if quick else None)
@@ -231,12 +231,16 @@ def cli_main(argv: Sequence[str]) -> int:
         prog="bart-jax run",
         description="The main job: tokenizer -> pretrain -> fine-tune (and a random-init control) -> beam "
                     "search -> ROUGE against the lead baseline.")
-    parser.add_argument("--config", default=None, help=f"run config YAML (default {DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=None,
+                        help=f"run config: a bundled name (tiny, base, large) or a YAML path (default {DEFAULT_CONFIG})")
     parser.add_argument("--workdir", default=None, help="run directory (default: the config's workdir)")
     parser.add_argument("--quick", action="store_true", help="a smoke-sized run (under 2 minutes)")
     parser.add_argument("--batch-size", type=int, default=16, help="documents per beam-search batch")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume training stages even if their settings changed (logged)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides")
     args = parser.parse_args(list(argv))
     # User errors and interruptions reach the `bart-jax` dispatcher (one line, exit code 2 / 130 / 143).
-    run_main_job(args.config, args.overrides, quick=args.quick, workdir=args.workdir, batch_size=args.batch_size)
+    run_main_job(args.config, args.overrides, quick=args.quick, workdir=args.workdir, batch_size=args.batch_size,
+                 allow_config_change=args.allow_config_change)
     return 0

@@ -113,7 +113,7 @@ def uninterrupted(tmp_path_factory, tokenizer_dir):
     from bart_jax.train.loop import pretrain
 
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    cfg = C.load_config(os.path.join(ROOT, "configs", "tiny.yaml"), _tiny_run_args(workdir) + [
+    cfg = C.load_config("tiny", _tiny_run_args(workdir) + [
         f"data.tokenizer={tokenizer_dir}"])
     return cfg, pretrain(cfg)
 
@@ -129,7 +129,7 @@ def test_resume_after_kill_continues_exactly(tmp_path, uninterrupted, tokenizer_
 
     ref_cfg, ref = uninterrupted
     assert ref.final_step == 4 and len(ref.losses) == 4 and ref.model_dir and os.path.isdir(ref.model_dir)
-    cfg = C.load_config(os.path.join(ROOT, "configs", "tiny.yaml"), _tiny_run_args(tmp_path) + [
+    cfg = C.load_config("tiny", _tiny_run_args(tmp_path) + [
         f"data.tokenizer={tokenizer_dir}"])
     # What the killed run left behind: the step-2 checkpoint (steps 3.. were lost with the process).
     shutil.copytree(os.path.join(ref.checkpoint_dir, "2"), tmp_path / "pretrain" / "checkpoints" / "2")
@@ -148,7 +148,7 @@ def test_preempted_run_resumes_with_same_losses(tmp_path, uninterrupted, tokeniz
     from bart_jax.train.loop import pretrain
 
     _, ref = uninterrupted
-    cfg = C.load_config(os.path.join(ROOT, "configs", "tiny.yaml"), _tiny_run_args(tmp_path) + [
+    cfg = C.load_config("tiny", _tiny_run_args(tmp_path) + [
         f"data.tokenizer={tokenizer_dir}"])
     first = pretrain(cfg, stop_at_step=3)
     assert first.final_step == 3 and first.model_dir is None

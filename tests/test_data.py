@@ -403,3 +403,30 @@ def test_to_global_batch_shards_over_devices():
     assert out["tokens"].sharding.is_equivalent_to(sharding, 2)
     assert len(out["tokens"].addressable_shards) == 8
     chex.assert_trees_all_equal(jax.device_get(out), local)
+
+
+def test_prepare_refuses_input_edited_in_place_with_same_size(tmp_path):
+    """Reuse is by content: the same file name and byte count with other bytes is another dataset."""
+    train = tmp_path / "train.txt"
+    train.write_text("alpha beta\ngamma\n", encoding="utf-8")
+    ds = datasets.prepare_text_corpus({"train": [train]}, tmp_path / "data")
+    assert sorted(ds["train"][i]["text"] for i in range(2)) == [b"alpha beta", b"gamma"]
+    before = train.stat().st_size
+    train.write_text("alpha BETA\ngamma\n", encoding="utf-8")
+    assert train.stat().st_size == before
+    with pytest.raises(ValueError, match="other inputs"):
+        datasets.prepare_text_corpus({"train": [train]}, tmp_path / "data")
+    ds = datasets.prepare_text_corpus({"train": [train]}, tmp_path / "data", overwrite=True)
+    assert sorted(ds["train"][i]["text"] for i in range(2)) == [b"alpha BETA", b"gamma"]
+    # Same bytes again: reused without complaint.
+    assert len(datasets.prepare_text_corpus({"train": [train]}, tmp_path / "data")["train"]) == 2
+
+
+def test_file_sha256_streams_in_chunks(tmp_path, monkeypatch):
+    import hashlib
+
+    blob = bytes(range(256)) * 20
+    path = tmp_path / "blob.bin"
+    path.write_bytes(blob)
+    monkeypatch.setattr(datasets, "_HASH_CHUNK", 1000)  # several reads, a partial last one
+    assert datasets.file_sha256(path) == hashlib.sha256(blob).hexdigest()

@@ -60,6 +60,65 @@ def test_hugging_face_parity(name, scan_decoder):
     assert not failures, "\n".join(failures)
 
 
+def test_hugging_face_special_id_keywords():
+    """HF's special-id keywords (eos_token_id an int other than the config's or a list, pad_token_id,
+    bos_token_id) give HF PyTorch's tokens and scores (fixture generation_special_ids.json)."""
+    from bart_jax.convert import from_pretrained
+
+    fixture = json.loads((FIXTURES / "bart_default" / "generation_special_ids.json").read_text())
+    config, params = from_pretrained(FIXTURES / "bart_default")
+    input_ids, mask = np.array(fixture["input_ids"]), np.array(fixture["attention_mask"])
+    start = fixture["common_controls"]["decoder_start_token_id"]
+    failures = []
+    for run_name, run in fixture["runs"].items():
+        controls = run["controls"]
+        out = generate(config, params, input_ids, mask, decoder_start_token_id=start, **controls)
+        got = np.asarray(out.sequences).reshape(-1, out.sequences.shape[-1])
+        pad = controls.get("pad_token_id", PAD)
+        for i, row in enumerate(run["sequences"]):
+            if list(got[i, :len(row)]) != row or (got[i, len(row):] != pad).any():
+                failures.append(f"{run_name} row {i}: want {row}, got {list(got[i])}")
+        if run["sequences_scores"] is not None:
+            np.testing.assert_allclose(np.asarray(out.scores).reshape(-1), run["sequences_scores"], atol=1e-4,
+                                       err_msg=run_name)
+    assert not failures, "\n".join(failures)
+
+
+def test_special_id_keywords_defaults_and_validation():
+    from bart_jax.convert import from_pretrained
+
+    config, _ = from_pretrained(FIXTURES / "bart_default")
+    # The config's own ids spelled out as HF callers do: the same controls as leaving them out.
+    assert resolve_controls(config, eos_token_id=2, pad_token_id=1, bos_token_id=0) == resolve_controls(config)
+    assert resolve_controls(config, eos_token_id=None).eos_token_id == (config.eos_token_id,)
+    assert resolve_controls(config, eos_token_id=[7, 2, 7]).eos_token_id == (7, 2)
+    for bad, match in [(dict(eos_token_id=[]), "eos_token_id"), (dict(eos_token_id=[2, 500]), "eos_token_id"),
+                       (dict(eos_token_id="2"), "eos_token_id"), (dict(pad_token_id=-1), "pad_token_id"),
+                       (dict(bos_token_id=500), "bos_token_id")]:
+        with pytest.raises(ValueError, match=match):
+            resolve_controls(config, **bad)
+
+
+def test_one_registry_of_generation_controls():
+    """Every control `generate` accepts is a `bart-jax generate` option and a preset key, from one table."""
+    import argparse
+
+    from bart_jax.decode import cli
+    from bart_jax.decode.generate import CONTROL_NAMES, GENERATION_CONTROLS
+
+    assert CONTROL_NAMES == tuple(GENERATION_CONTROLS)
+    assert {"eos_token_id", "pad_token_id", "bos_token_id"} <= set(CONTROL_NAMES)
+    parser = argparse.ArgumentParser()
+    cli._add_model_and_control_args(parser)
+    args = parser.parse_args(["--checkpoint", "x", "--eos-token-id", "2,50", "--pad-token-id", "3",
+                              "--early-stopping", "never", "--forced-bos-token-id", "none", "--do-sample"])
+    assert (args.eos_token_id, args.pad_token_id, args.early_stopping) == ([2, 50], 3, "never")
+    assert args.forced_bos_token_id is None and args.do_sample is True
+    assert all(hasattr(args, name) for name in CONTROL_NAMES)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--checkpoint", "x", "--early-stopping", "maybe"])
+
+
 # ----------------------------------------------------------------------------- a small trained model
 @pytest.fixture(scope="module")
 def model():
@@ -279,3 +338,12 @@ def test_summarize(model):
     ids, mask, _ = pad_batch(tokenizer.encode_batch(texts[2:]), config, batch_size=2)
     direct = generate(config, params, ids, mask, num_beams=3, max_length=10)
     assert out[2] == tokenizer.decode_batch([strip_special(direct.sequences[0, 0], config)])[0]
+
+
+def test_strip_special_cuts_at_any_eos_of_the_call():
+    config = preset("tiny")
+    controls = resolve_controls(config, eos_token_id=[EOS, 9], pad_token_id=3)
+    row = [EOS, BOS, 5, 6, 9, 3, 3]
+    assert strip_special(row, config, controls) == [5, 6]
+    assert strip_special([EOS, BOS, 5, 6, 3, 3], config, controls) == [5, 6]  # the call's pad dropped
+    assert strip_special(row, config) == [5, 6, 9, 3, 3]  # the config's ids only

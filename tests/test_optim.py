@@ -161,7 +161,7 @@ def test_loss_of_all_padding_batch_is_zero_not_nan():
 # ------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("name", ["tiny", "base", "large"])
 def test_shipped_configs_load(name):
-    cfg = C.load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    cfg = C.load_config(name)
     assert cfg.pretrain.optimizer.name == "lamb" and cfg.finetune.optimizer.name == "adamw"
     cfg.model.bart_config()  # a valid architecture
     cfg.noise.noise_config()
@@ -169,17 +169,17 @@ def test_shipped_configs_load(name):
 
 
 def test_large_config_mirrors_published_recipes():
-    cfg = C.load_config(os.path.join(ROOT, "configs", "large.yaml"))
+    cfg = C.load_config("large")
     assert cfg.model.bart_config().d_model == 1024
     assert cfg.pretrain.optimizer.learning_rate == 5e-3 and cfg.pretrain.train.source_length == 128
     assert cfg.finetune.optimizer.learning_rate == 3e-5
     assert cfg.finetune.train.label_smoothing == 0.1 and cfg.model.bart_config().dropout == 0.1
-    phase2 = C.load_config(os.path.join(ROOT, "configs", "large.yaml"), variant="phase2")
+    phase2 = C.load_config("large", variant="phase2")
     assert phase2.pretrain.optimizer.learning_rate == 4e-3 and phase2.pretrain.train.source_length == 512
 
 
 def test_overrides_are_typed_and_checked():
-    cfg = C.load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
+    cfg = C.load_config("tiny",
                         ["pretrain.train.steps=7", "model.dtype=bfloat16", "pretrain.optimizer.learning_rate=1e-4",
                          "mesh.fsdp=2", "checkpoint.async_save=false", "finetune.init_from=null"])
     assert cfg.pretrain.train.steps == 7 and isinstance(cfg.pretrain.train.steps, int)
@@ -192,7 +192,7 @@ def test_overrides_are_typed_and_checked():
                         ("pretrain.train.steps", "key=value"), ("mesh.data=0", "mesh.data"),
                         ("checkpoint.async_save=3", "true/false")]:
         with pytest.raises(ValueError, match=needle):
-            C.load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [bad])
+            C.load_config("tiny", [bad])
 
 
 def test_bad_yaml_reports_the_file(tmp_path):
@@ -201,6 +201,6 @@ def test_bad_yaml_reports_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.yaml.*bogus"):
         C.load_config(p)
     with pytest.raises(ValueError, match="no variant"):
-        C.load_config(os.path.join(ROOT, "configs", "tiny.yaml"), variant="nope")
+        C.load_config("tiny", variant="nope")
     cfg = C.load_config(None, ["workdir=/x"])
     assert cfg == dataclasses.replace(C.RunConfig(), workdir="/x")

@@ -147,7 +147,7 @@ def test_training_stops_after_k_nonfinite_steps(tmp_path, capsys):
     from bart_jax.train import loop
     from bart_jax.train.checkpoint import Checkpointer
 
-    args = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"workdir={tmp_path}",
+    args = ["--config", "tiny", f"workdir={tmp_path}",
             "model.dropout=0.0", "pretrain.optimizer.name=adamw", "pretrain.optimizer.learning_rate=1e30",
             "pretrain.optimizer.clip_norm=0", "pretrain.schedule.warmup_steps=0", "pretrain.train.steps=8",
             "pretrain.train.batch_size=8", "pretrain.train.source_length=32", "pretrain.train.eval_every=0",
@@ -162,7 +162,7 @@ def test_training_stops_after_k_nonfinite_steps(tmp_path, capsys):
     ckpt.close()
     assert good is not None and f"last good checkpoint is step {good}" in err
     assert good < 8
-    cfg = C.load_config(os.path.join(ROOT, "configs", "tiny.yaml"), args[2:])
+    cfg = C.load_config("tiny", args[2:])
     from bart_jax.train.checkpoint import restore_params
     from bart_jax.train.state import abstract_params as ap
 

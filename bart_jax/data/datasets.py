@@ -180,13 +180,26 @@ def _tsv_records(path: str) -> Iterator[tuple[int, dict]]:
 
 # --------------------------------------------------------------------------------------------- builders
 
+_HASH_CHUNK = 1 << 20  # files are hashed in 1 MiB reads, so a corpus never has to fit in memory
+
+
 def _fingerprint(*parts) -> str:
-    """Identity of a dataset's inputs and options (file names and sizes, not contents)."""
+    """Identity of a dataset's inputs and options."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _files_fingerprint(split_paths: dict) -> list:
-    return [(split, os.path.basename(p), os.path.getsize(p)) for split, paths in sorted(split_paths.items())
+    # By content, not name + size: an input edited in place (even to the same byte count) is a new dataset.
+    return [(split, os.path.basename(p), file_sha256(p)) for split, paths in sorted(split_paths.items())
             for p in paths]
 
 

@@ -6,7 +6,7 @@
     out.scores     # float32 [batch, num_return_sequences]
 
 `search` holds the model-independent searches, `generate` the model wiring, bucketing and presets
-(configs/generation/*.yaml), `rouge` the ROUGE metrics, `cli` the `bart-jax generate|evaluate` commands.
+(bart_jax/configs/generation/*.yaml), `rouge` the ROUGE metrics, `cli` the `bart-jax generate|evaluate` commands.
 """
 
 from bart_jax.decode.generate import (

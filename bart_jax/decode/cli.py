@@ -15,6 +15,7 @@ import numpy as np
 
 from bart_jax.decode.generate import (
     CONTROL_NAMES,
+    GENERATION_CONTROLS,
     generate,
     load_generation_preset,
     pad_batch,
@@ -46,24 +47,18 @@ def load_model_for_inference(path, tokenizer_path=None, **config_overrides):
 
 
 # ----------------------------------------------------------------------------- argument parsing
-def _early_stopping(text: str):
-    value = {"true": True, "false": False, "never": "never"}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected true, false or never, got {text!r}")
-    return value
+def _option_type(name: str, parse):
+    """An argparse type from a registry parser: a bad value is a usage error naming the option."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r} ({e})") from None
+
+    convert.__name__ = name
+    return convert
 
 
-def _token_or_none(text: str):
-    return None if text.lower() == "none" else int(text)
-
-
-_CONTROL_TYPES = {
-    "num_beams": int, "max_length": int, "max_new_tokens": int, "min_length": int, "min_new_tokens": int,
-    "length_penalty": float, "early_stopping": _early_stopping, "no_repeat_ngram_size": int,
-    "forced_bos_token_id": _token_or_none, "forced_eos_token_id": _token_or_none,
-    "decoder_start_token_id": int, "num_return_sequences": int, "temperature": float, "top_k": int,
-    "top_p": float,
-}
 _SENTINEL = object()  # "not given": None is a meaningful value for the forced token ids
 
 
@@ -73,7 +68,7 @@ def _add_model_and_control_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the checkpoint directory)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype override")
     parser.add_argument("--preset", default="default",
-                        help="generation preset: a name in configs/generation (default, cnn_dm, xsum) or a YAML path")
+                        help="generation preset: a bundled name (default, cnn_dm, xsum) or a YAML path")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-source-length", type=int, default=None,
                         help="truncate documents to this many tokens (default: max_position_embeddings)")
@@ -81,11 +76,13 @@ def _add_model_and_control_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compilation-cache", default=None,
                         help="directory for JAX's persistent compilation cache (reused across runs)")
     group = parser.add_argument_group("generation controls (override the preset; Hugging Face meanings)")
-    for name in CONTROL_NAMES:
-        if name == "do_sample":
-            group.add_argument("--do-sample", action="store_true", default=_SENTINEL)
+    for name, control in GENERATION_CONTROLS.items():
+        option = "--" + name.replace("_", "-")
+        if control.flag:
+            group.add_argument(option, action="store_true", default=_SENTINEL, help=control.help)
         else:
-            group.add_argument("--" + name.replace("_", "-"), type=_CONTROL_TYPES[name], default=_SENTINEL)
+            group.add_argument(option, type=_option_type(name, control.parse), default=_SENTINEL,
+                               help=control.help)
 
 
 def _controls_from_args(args, config) -> dict:
@@ -123,12 +120,13 @@ def generate_texts(documents: Iterable[str], config, params, tokenizer, controls
     import jax
 
     rng = jax.random.PRNGKey(seed)
+    resolved = resolve_controls(config, **controls)
     for step, batch in enumerate(_batched(documents, batch_size)):
         input_ids, mask, real = pad_batch(tokenizer.encode_batch(batch), config, batch_size, max_source_length)
         out = generate(config, params, input_ids, mask, rng=jax.random.fold_in(rng, step), **controls)
         sequences, scores = np.asarray(out.sequences[:real]), np.asarray(out.scores[:real])
         for row_sequences, row_scores in zip(sequences, scores):
-            texts = tokenizer.decode_batch([strip_special(s, config) for s in row_sequences])
+            texts = tokenizer.decode_batch([strip_special(s, config, resolved) for s in row_sequences])
             yield texts, [float(s) for s in row_scores]
 
 

@@ -9,7 +9,6 @@ are traced values, and `pad_batch` buckets inputs so a stream of documents reuse
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -29,13 +28,58 @@ def cache_beam_axes(per_layer: bool) -> dict:
 # Hugging Face's default when neither max_length nor max_new_tokens is given: 20 new tokens.
 DEFAULT_MAX_NEW_TOKENS = 20
 
-CONTROL_NAMES = (
-    "num_beams", "max_length", "max_new_tokens", "min_length", "min_new_tokens", "length_penalty",
-    "early_stopping", "no_repeat_ngram_size", "forced_bos_token_id", "forced_eos_token_id",
-    "decoder_start_token_id", "num_return_sequences", "do_sample", "temperature", "top_k", "top_p",
-)
 
-GENERATION_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "generation"
+
+def _early_stopping(text: str):
+    value = {"true": True, "false": False, "never": "never"}.get(text.lower())
+    if value is None:
+        raise ValueError(f"expected true, false or never, got {text!r}")
+    return value
+
+
+def _token_or_none(text: str):
+    return None if text.lower() == "none" else int(text)
+
+
+def _token_ids(text: str):
+    """'2' -> 2, '2,50' -> [2, 50] (HF's eos_token_id takes a list)."""
+    ids = [int(t) for t in text.split(",")]
+    return ids[0] if len(ids) == 1 else ids
+
+
+class Control(NamedTuple):
+    """One generation control: how its command-line value is parsed (`flag`: a switch taking no value)."""
+
+    parse: Any
+    help: str
+    flag: bool = False
+
+
+# The one registry of generation controls (Hugging Face names and meanings): `generate`, presets and the
+# `bart-jax generate|evaluate` options all come from here. A new control also needs its field in
+# `SearchControls` (validated in `SearchControls.create`) unless `resolve_controls` translates it.
+GENERATION_CONTROLS: dict[str, Control] = {
+    "num_beams": Control(int, "beams; 1 = greedy (or sampling)"),
+    "max_length": Control(int, "longest output, counting the decoder start token"),
+    "max_new_tokens": Control(int, "longest output, not counting the start token (wins over max_length)"),
+    "min_length": Control(int, "no EOS before this length (counts the start token)"),
+    "min_new_tokens": Control(int, "no EOS before this many new tokens (wins over min_length)"),
+    "length_penalty": Control(float, "beam score = sum log p / length ** length_penalty"),
+    "early_stopping": Control(_early_stopping, "beam search: true, false or never"),
+    "no_repeat_ngram_size": Control(int, "never repeat an n-gram of this size (0 = off)"),
+    "forced_bos_token_id": Control(_token_or_none, "token forced first after the start token (none = off)"),
+    "forced_eos_token_id": Control(_token_or_none, "token forced at max_length (none = off)"),
+    "decoder_start_token_id": Control(int, "first decoder token (default: the model's)"),
+    "num_return_sequences": Control(int, "sequences returned per input"),
+    "do_sample": Control(bool, "sample instead of greedy decoding", flag=True),
+    "temperature": Control(float, "sampling temperature"),
+    "top_k": Control(int, "sample among the k most likely tokens (0 = off)"),
+    "top_p": Control(float, "nucleus sampling mass (1 = off)"),
+    "eos_token_id": Control(_token_ids, "end-of-sequence id, or ids comma-separated (default: the model's)"),
+    "pad_token_id": Control(int, "id written after EOS (default: the model's)"),
+    "bos_token_id": Control(int, "accepted as in HF; BART starts from decoder_start_token_id"),
+}
+CONTROL_NAMES = tuple(GENERATION_CONTROLS)
 
 
 class GenerateOutput(NamedTuple):
@@ -53,11 +97,18 @@ def resolve_controls(config: BartConfig, **controls) -> SearchControls:
     Defaults follow HF `generate` with a BART model config: greedy, max_length = 1 + 20 new tokens (capped
     at max_position_embeddings), forced BOS/EOS and decoder start from `config`. `max_new_tokens` /
     `min_new_tokens` take precedence over `max_length` / `min_length` and exclude the start token.
+    Hugging Face's special-id keywords: `eos_token_id` (an id or a list of ids, any of which ends a
+    sequence), `pad_token_id` (written after EOS) and `bos_token_id` (validated; HF starts the decoder
+    from it only when there is no decoder_start_token_id, which a BartConfig always has, so as in HF it
+    does not change BART's output); None or absent means the config's.
     """
     unknown = sorted(set(controls) - set(CONTROL_NAMES))
     if unknown:
         raise ValueError(f"unknown generation control(s) {unknown}; expected some of {list(CONTROL_NAMES)}")
     c = {k: v for k, v in controls.items() if v is not None or k in ("forced_bos_token_id", "forced_eos_token_id")}
+    eos = c.pop("eos_token_id", config.eos_token_id)
+    pad = c.pop("pad_token_id", config.pad_token_id)
+    bos = c.pop("bos_token_id", config.bos_token_id)
     max_new, min_new = c.pop("max_new_tokens", None), c.pop("min_new_tokens", None)
     if max_new is not None:
         c["max_length"] = int(max_new) + 1
@@ -71,8 +122,10 @@ def resolve_controls(config: BartConfig, **controls) -> SearchControls:
     c.setdefault("forced_bos_token_id", config.forced_bos_token_id)
     c.setdefault("forced_eos_token_id", config.forced_eos_token_id)
     c.setdefault("decoder_start_token_id", config.decoder_start_token_id)
-    return SearchControls.create(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-                                 vocab_size=config.vocab_size, **c)
+    if isinstance(bos, bool) or not (isinstance(bos, (int, np.integer)) and 0 <= bos < config.vocab_size):
+        raise ValueError(f"generation control bos_token_id={bos!r}: must be a token id in "
+                         f"[0, vocab_size={config.vocab_size})")
+    return SearchControls.create(eos_token_id=eos, pad_token_id=pad, vocab_size=config.vocab_size, **c)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("scan_decoder",))
@@ -112,7 +165,8 @@ def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=
     input_ids: int [B, S]; attention_mask: int [B, S] (1 = real token; default: input_ids != pad).
     controls: num_beams, max_length | max_new_tokens, min_length | min_new_tokens, length_penalty,
     early_stopping (True/False/"never"), no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id,
-    decoder_start_token_id, num_return_sequences, do_sample, temperature, top_k, top_p; rng: PRNG key for
+    decoder_start_token_id, num_return_sequences, do_sample, temperature, top_k, top_p, and HF's special-id
+    keywords eos_token_id (int or list), pad_token_id, bos_token_id (see `resolve_controls`); rng: PRNG key for
     sampling (default PRNGKey(0)). scan_decoder: run the cached decoder as a scan over the stacked layers
     (one compiled layer body: for very deep decoders where compile time matters) instead of the default
     unrolled layers over per-layer weight buffers split once per call (no per-step weight copies; MaxText
@@ -123,8 +177,9 @@ def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-    if attention_mask is None:
-        attention_mask = (input_ids != config.pad_token_id).astype(jnp.int32)
+    if attention_mask is None:  # like HF: the pad id of this call
+        pad = controls.get("pad_token_id")
+        attention_mask = (input_ids != (config.pad_token_id if pad is None else pad)).astype(jnp.int32)
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
@@ -144,17 +199,17 @@ def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=
 
 # ----------------------------------------------------------------------------- presets and bucketing
 def load_generation_preset(name_or_path: str) -> dict[str, Any]:
-    """Controls from a named preset in configs/generation (e.g. 'cnn_dm', 'xsum', 'default') or a YAML path."""
+    """Controls from a bundled preset in bart_jax/configs/generation (e.g. 'cnn_dm', 'xsum', 'default') or a
+    YAML path."""
     import yaml
 
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = GENERATION_CONFIG_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in GENERATION_CONFIG_DIR.glob("*.yaml"))
-        raise ValueError(f"generation preset {name_or_path!r}: no file {path}; named presets: {names}")
-    with open(path) as f:
-        controls = yaml.safe_load(f) or {}
+    from bart_jax import configs
+
+    path, text = configs.read_text(name_or_path, configs.GENERATION)
+    try:
+        controls = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML ({e})") from e
     if not isinstance(controls, dict):
         raise ValueError(f"{path}: expected a mapping of generation controls, got {type(controls).__name__}")
     unknown = sorted(set(controls) - set(CONTROL_NAMES))
@@ -201,14 +256,18 @@ def pad_batch(id_lists: Sequence[Sequence[int]], config: BartConfig, batch_size:
     return input_ids, attention_mask, len(rows)
 
 
-def strip_special(sequence: Sequence[int], config: BartConfig) -> list[int]:
-    """Generated ids -> content ids: drop the start token, cut at the first EOS, drop pad/BOS."""
+def strip_special(sequence: Sequence[int], config: BartConfig, controls: SearchControls | None = None) -> list[int]:
+    """Generated ids -> content ids: drop the start token, cut at the first EOS, drop pad/BOS.
+    controls: the resolved controls the sequence was generated with (their EOS ids and pad id; default the
+    config's)."""
+    eos = set(controls.eos_token_id) if controls is not None else {config.eos_token_id}
+    pad = controls.pad_token_id if controls is not None else config.pad_token_id
     out = []
-    for token in list(sequence)[1:]:
-        if token == config.eos_token_id:
+    for token in np.asarray(sequence).tolist()[1:]:
+        if token in eos:
             break
-        if token not in (config.pad_token_id, config.bos_token_id):
-            out.append(int(token))
+        if token not in (pad, config.pad_token_id, config.bos_token_id):
+            out.append(token)
     return out
 
 
@@ -220,11 +279,12 @@ def summarize(texts: Sequence[str], config: BartConfig, params, tokenizer, *, ba
     Batches are padded to fixed shapes (`pad_batch`), so a long list compiles at most once per length bucket.
     """
     summaries: list[str] = []
+    resolved = resolve_controls(config, **controls)
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start:start + batch_size])
         input_ids, attention_mask, real = pad_batch(tokenizer.encode_batch(chunk), config, batch_size,
                                                     max_source_length)
         out = generate(config, params, input_ids, attention_mask, rng=rng, **controls)
         best = np.asarray(out.sequences[:real, 0])
-        summaries += tokenizer.decode_batch([strip_special(row, config) for row in best])
+        summaries += tokenizer.decode_batch([strip_special(row, config, resolved) for row in best])
     return summaries

@@ -16,15 +16,16 @@ Semantics follow Hugging Face transformers' PyTorch `generate` (v4.57) exactly:
     top-p when sampling);
   * `max_length` / `min_length` count the decoder start token; forced BOS at length 1, forced EOS at
     length `max_length - 1`; n-grams are taken over the whole decoder sequence;
-  * beam search keeps the top `2 * num_beams` candidates; only EOS candidates ranked within the top
-    `num_beams` may finish; each batch item finishes on its own; beams reaching `max_length` finish;
-    a finished hypothesis scores `sum log p / generated_length ** length_penalty` (generated length
-    counts EOS, not the start token); `early_stopping` True / False / "never" as in HF.
+  * any of the EOS ids ends a sequence (min length masks all of them);
+  * beam search keeps the top `max(2, 1 + number of EOS ids) * num_beams` candidates; only EOS candidates
+    ranked within the top `num_beams` may finish; each batch item finishes on its own; beams reaching
+    `max_length` finish; a finished hypothesis scores `sum log p / generated_length ** length_penalty`
+    (generated length counts EOS, not the start token); `early_stopping` True / False / "never" as in HF.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ class SearchControls:
     """Decoding controls; build with `SearchControls.create` (validates, encodes None / early_stopping).
 
     Static fields shape the compiled program (changing them recompiles): max_length (decoder length incl.
-    the start token), eos / pad ids, num_beams, num_return_sequences, do_sample and ngram_capacity
+    the start token), eos ids (a tuple: any of them ends a sequence, as HF's list), pad id, num_beams, num_return_sequences, do_sample and ngram_capacity
     (largest no_repeat_ngram_size the program handles, at least MIN_NGRAM_CAPACITY). Every other
     field is a traced value, so one compiled search serves all of them: decoder_start_token_id, length_penalty,
     min_length (counts the start token), early_stopping (0 False, 1 True, 2 "never"), no_repeat_ngram_size,
@@ -54,7 +55,7 @@ class SearchControls:
     """
 
     max_length: int = struct.field(pytree_node=False)
-    eos_token_id: int = struct.field(pytree_node=False)
+    eos_token_id: tuple[int, ...] = struct.field(pytree_node=False)
     pad_token_id: int = struct.field(pytree_node=False)
     num_beams: int = struct.field(pytree_node=False, default=1)
     num_return_sequences: int = struct.field(pytree_node=False, default=1)
@@ -72,13 +73,15 @@ class SearchControls:
     top_p: Any = 1.0
 
     @classmethod
-    def create(cls, *, max_length: int, eos_token_id: int, pad_token_id: int, decoder_start_token_id: int,
+    def create(cls, *, max_length: int, eos_token_id: int | Sequence[int], pad_token_id: int,
+               decoder_start_token_id: int,
                num_beams: int = 1, num_return_sequences: int = 1, do_sample: bool = False,
                length_penalty: float = 1.0, min_length: int = 0, early_stopping: bool | str = False,
                no_repeat_ngram_size: int = 0, forced_bos_token_id: int | None = None,
                forced_eos_token_id: int | None = None, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, vocab_size: int | None = None) -> "SearchControls":
-        """Validated controls with Hugging Face names and meanings; ValueError names a bad control."""
+        """Validated controls with Hugging Face names and meanings; ValueError names a bad control.
+        eos_token_id: one id or a non-empty list of ids (HF accepts both)."""
 
         def bad(field, value, why):
             raise ValueError(f"generation control {field}={value!r}: {why}")
@@ -95,8 +98,12 @@ class SearchControls:
 
         if not is_int(max_length) or max_length < 2:
             bad("max_length", max_length, "must be an integer >= 2 (it counts the decoder start token)")
-        ids = {f: token(f, v) for f, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id),
+        ids = {f: token(f, v) for f, v in (("pad_token_id", pad_token_id),
                                            ("decoder_start_token_id", decoder_start_token_id))}
+        eos_list = [eos_token_id] if is_int(eos_token_id) else eos_token_id
+        if isinstance(eos_list, (str, bytes)) or not isinstance(eos_list, (list, tuple, np.ndarray)) or not len(eos_list):
+            bad("eos_token_id", eos_token_id, "must be a token id or a non-empty list of token ids")
+        ids["eos_token_id"] = tuple(dict.fromkeys(token("eos_token_id", v) for v in eos_list))
         forced_bos = token("forced_bos_token_id", forced_bos_token_id, optional=True)
         forced_eos = token("forced_eos_token_id", forced_eos_token_id, optional=True)
         if not is_int(num_beams) or num_beams < 1:
@@ -132,6 +139,14 @@ class SearchControls:
 
 
 # ----------------------------------------------------------------------------- logits processors
+def is_eos(tokens: jax.Array, controls: SearchControls) -> jax.Array:
+    """bool, shape of `tokens`: the token is one of the EOS ids."""
+    hit = tokens == controls.eos_token_id[0]
+    for eos in controls.eos_token_id[1:]:
+        hit = hit | (tokens == eos)
+    return hit
+
+
 def banned_ngram_tokens(sequences: jax.Array, index: jax.Array, ngram_size: jax.Array, capacity: int,
                         vocab_size: int) -> jax.Array:
     """Tokens that would repeat an n-gram already in the sequence (dense, on device).
@@ -171,7 +186,7 @@ def process_scores(scores: jax.Array, sequences: jax.Array, index: jax.Array, co
                                      scores.shape[-1])
         # One scatter into the scores (out-of-range ids are dropped) instead of a dense [N, V] mask.
         scores = scores.at[jnp.arange(scores.shape[0])[:, None], banned].set(-jnp.inf, mode="drop")
-    scores = jnp.where((vocab == controls.eos_token_id)[None, :] & (cur_len < controls.min_length), -jnp.inf, scores)
+    scores = jnp.where(is_eos(vocab, controls)[None, :] & (cur_len < controls.min_length), -jnp.inf, scores)
 
     def force(scores, token, at_length):
         one_hot = jnp.where(vocab == token, 0.0, -jnp.inf).astype(scores.dtype)
@@ -245,7 +260,7 @@ def greedy_search(step_fn: StepFn, state: Any, num_rows: int, controls: SearchCo
         scores = c["scores"] + jnp.where(c["finished"], 0.0, token_logp)
         next_tokens = jnp.where(c["finished"], controls.pad_token_id, next_tokens)
         sequences = jax.lax.dynamic_update_index_in_dim(c["sequences"], next_tokens, index + 1, axis=1)
-        finished = c["finished"] | (next_tokens == controls.eos_token_id)
+        finished = c["finished"] | is_eos(next_tokens, controls)
         return dict(index=index + 1, sequences=sequences, finished=finished, scores=scores, state=state)
 
     out = jax.lax.while_loop(cond, body, carry)
@@ -283,7 +298,8 @@ def beam_search(step_fn: StepFn, state: Any, batch_size: int, controls: SearchCo
     length-penalised scores float32 [B, num_beams] (HF's `sequences_scores`).
     """
     k_beams, length = controls.num_beams, controls.max_length
-    num_candidates = 2 * k_beams  # HF: max(2, 1 + number of EOS ids) * num_beams, one EOS id here
+    # HF keeps enough candidates that num_beams survive even if every EOS id is among the best.
+    num_candidates = max(2, 1 + len(controls.eos_token_id)) * k_beams
     lp = jnp.asarray(controls.length_penalty, jnp.float32)
     early_true = controls.early_stopping == EARLY_STOPPING_CODES[True]
     never = controls.early_stopping == EARLY_STOPPING_CODES["never"]
@@ -323,7 +339,7 @@ def beam_search(step_fn: StepFn, state: Any, batch_size: int, controls: SearchCo
         top_sequences = _take_beams(running, top_beam)
         top_sequences = jax.lax.dynamic_update_index_in_dim(top_sequences, top_token, index + 1, axis=2)
         new_len = index + 2  # decoder length including the candidate token
-        hits_stop = (top_token == controls.eos_token_id) | (new_len >= length)
+        hits_stop = is_eos(top_token, controls) | (new_len >= length)
 
         # Next running beams: the best K candidates that did not stop.
         run_candidates = top_scores + hits_stop.astype(jnp.float32) * _NEG

@@ -1,7 +1,7 @@
 """Training: denoising pretraining and fine-tuning sharing one sharded train step.
 
     from bart_jax.train import load_config, pretrain, finetune
-    cfg = load_config("configs/tiny.yaml", ["pretrain.train.steps=100"])
+    cfg = load_config("tiny", ["pretrain.train.steps=100"])
     result = pretrain(cfg)          # TrainResult: final_step, losses, eval_metrics, checkpoint_dir, model_dir, ...
     result = finetune(cfg)          # starts from cfg.finetune.init_from (e.g. 'run:pretrain' or a HF dir)
 

@@ -1,6 +1,7 @@
 """Run configuration: frozen dataclasses, loaded from YAML with dotted `key=value` overrides.
 
-A run config file (configs/*.yaml) has these top-level sections::
+A run config file (bundled: bart_jax/configs/{tiny,base,large}.yaml; or any YAML path) has these top-level
+sections::
 
     workdir: runs/tiny            # checkpoints, TensorBoard events and the tokenizer live under here
     model:  {preset: tiny, dropout: 0.1, dtype: bfloat16, ...}   # preset + any BartConfig field
@@ -293,15 +294,16 @@ def check_run_config(cfg: RunConfig, stages: Sequence[str] = ("pretrain", "finet
 # ----------------------------------------------------------------------------------------- loading
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                 variant: str | None = None) -> RunConfig:
-    """RunConfig from a YAML file (or defaults when `path` is None), a named variant, then `key=value`s."""
+    """RunConfig from a YAML file or a bundled config name such as 'tiny' (defaults when `path` is None),
+    a named variant, then `key=value`s."""
     where = os.fspath(path) if path is not None else "defaults"
     raw: dict[str, Any] = {}
     if path is not None:
+        from bart_jax import configs
+
+        where, text = configs.read_text(path)
         try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ValueError(f"cannot read config file {where}: {e}") from e
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{where}: invalid YAML ({e})") from e
         if not isinstance(raw, dict):

@@ -14,11 +14,13 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,8 @@ ARCH_NEUTRAL_FIELDS = frozenset({
     "dropout", "attention_dropout", "activation_dropout", "dtype", "param_dtype", "remat_policy", "scan_layers",
     "attention_implementation", "forced_bos_token_id", "forced_eos_token_id"})
 EVAL_NOISE_SEED_OFFSET = 7919  # eval batches are noised by a fixed stream, distinct from training's
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,18 +76,21 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------ entry points
-def pretrain(cfg: RunConfig, *, stop_at_step: int | None = None) -> TrainResult:
+def pretrain(cfg: RunConfig, *, stop_at_step: int | None = None, allow_config_change: bool = False) -> TrainResult:
     """Denoising pretraining: clean {'tokens'} batches are noised on device inside the train step.
 
     stop_at_step: return once the global step reaches this value without writing a final checkpoint
     (what a preempted job leaves behind); rerunning resumes from the last checkpoint.
+    allow_config_change: resume even when training settings (`RESUME_CHECKED_KEYS`) differ from the
+    checkpoint's, logging what changed; otherwise that is a ValueError.
     """
-    return run_stage(cfg, "pretrain", stop_at_step=stop_at_step)
+    return run_stage(cfg, "pretrain", stop_at_step=stop_at_step, allow_config_change=allow_config_change)
 
 
-def finetune(cfg: RunConfig, *, stop_at_step: int | None = None) -> TrainResult:
-    """Fine-tuning on document -> summary pairs, initialised from `cfg.finetune.init_from`."""
-    return run_stage(cfg, "finetune", stop_at_step=stop_at_step)
+def finetune(cfg: RunConfig, *, stop_at_step: int | None = None, allow_config_change: bool = False) -> TrainResult:
+    """Fine-tuning on document -> summary pairs, initialised from `cfg.finetune.init_from` (arguments as
+    for `pretrain`)."""
+    return run_stage(cfg, "finetune", stop_at_step=stop_at_step, allow_config_change=allow_config_change)
 
 
 def cli_pretrain(argv: list[str]) -> int:
@@ -99,15 +106,16 @@ def _cli(stage: str, argv: list[str]) -> int:
         prog=f"bart-jax {stage}",
         description=f"{stage} BART. Overrides are dotted keys of the run config, e.g. {stage}.train.steps=100 "
                     "model.dtype=bfloat16 mesh.fsdp=4.")
-    parser.add_argument("--config", help="run config YAML (configs/tiny.yaml, base.yaml, large.yaml)")
+    parser.add_argument("--config", help="run config: a bundled name (tiny, base, large) or a YAML path")
     parser.add_argument("--variant", help="named bundle of overrides from the config's `variants` section")
+    parser.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     # User errors (config, data, paths) reach the `bart-jax` dispatcher: one line, exit code 2.
     cfg = load_config(args.config, args.overrides, args.variant)
     check_run_config(cfg, (stage,))
     try:
-        result = run_stage(cfg, stage)
+        result = run_stage(cfg, stage, allow_config_change=args.allow_config_change)
     except TrainingDiverged as e:
         print(f"bart-jax {stage}: {e}", file=sys.stderr)
         return 1
@@ -128,23 +136,75 @@ def initialize_distributed(cfg: RunConfig) -> None:
                                    process_id=d.process_id)
 
 
+TOKENIZER_PROVENANCE_FILE = "trained_from.json"
+_PROVENANCE_LABELS = {"pretrain_source": "data.pretrain_source", "tokenizer_vocab_size": "data.tokenizer_vocab_size",
+                      "dataset_fingerprint": "the pretraining dataset's content fingerprint"}
+
+
+def _tokenizer_provenance(cfg: RunConfig) -> dict:
+    """What a workdir tokenizer is trained from: the pretraining source (a prepared dataset also by its
+    content fingerprint) and the vocabulary size."""
+    source = cfg.data.pretrain_source
+    out = {"pretrain_source": source, "tokenizer_vocab_size": cfg.data.tokenizer_vocab_size}
+    if source != "builtin":
+        out["pretrain_source"] = os.path.abspath(source)
+        try:
+            with open(os.path.join(source, "metadata.json")) as f:
+                out["dataset_fingerprint"] = json.load(f).get("fingerprint")
+        except (OSError, ValueError):
+            pass  # not a prepared dataset: `prepared_dataset` says so when it is opened
+    return out
+
+
+def _check_tokenizer_provenance(cfg: RunConfig, directory: str) -> None:
+    """Refuse a workdir tokenizer trained from another source or with another vocabulary size."""
+    path = os.path.join(directory, TOKENIZER_PROVENANCE_FILE)
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except FileNotFoundError:
+        logger.warning("%s has no %s (trained by an older bart_jax): cannot check that it matches "
+                       "data.pretrain_source and data.tokenizer_vocab_size", directory, TOKENIZER_PROVENANCE_FILE)
+        return
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); delete {directory} to retrain the tokenizer") from None
+    wanted = _tokenizer_provenance(cfg)
+    differ = [k for k in wanted if k in stored and stored[k] != wanted[k]]
+    if differ:
+        def show(d):
+            return ", ".join(f"{_PROVENANCE_LABELS[k]}={d.get(k)!r}" for k in differ)
+
+        raise ValueError(
+            f"the tokenizer in {directory} was trained with {show(stored)}, but this run has {show(wanted)}; "
+            f"delete {directory} to train a new one, or set data.tokenizer={directory} to use it as it is")
+
+
 def load_or_train_tokenizer(cfg: RunConfig):
     """`data.tokenizer` if set; else the tokenizer in `<workdir>/tokenizer`, trained there on the
-    pretraining corpus's train split the first time."""
+    pretraining corpus's train split the first time. What it was trained from (source, vocabulary size) is
+    recorded beside it in `trained_from.json`; a later run configured otherwise is refused (ValueError)."""
     from bart_jax.data import load_tokenizer, train_tokenizer
 
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer
     directory = os.path.join(cfg.workdir, "tokenizer")
     try:
-        return load_tokenizer(directory), directory
+        tok = load_tokenizer(directory)
     except FileNotFoundError:
         pass
+    else:
+        _check_tokenizer_provenance(cfg, directory)
+        return tok, directory
     if jax.process_count() > 1:
         raise ValueError("multi-host runs need data.tokenizer (a tokenizer trained beforehand); training one "
                          "in every process would race on the shared workdir")
-    return train_tokenizer(_tokenizer_texts(cfg), cfg.data.tokenizer_vocab_size, directory,
-                           seed=cfg.data.shuffle_seed), directory
+    tok = train_tokenizer(_tokenizer_texts(cfg), cfg.data.tokenizer_vocab_size, directory,
+                          seed=cfg.data.shuffle_seed)
+    tmp = os.path.join(directory, TOKENIZER_PROVENANCE_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(_tokenizer_provenance(cfg), f, indent=1)
+    os.replace(tmp, os.path.join(directory, TOKENIZER_PROVENANCE_FILE))
+    return tok, directory
 
 
 def _tokenizer_texts(cfg: RunConfig):
@@ -324,8 +384,10 @@ def _gather_params(params):
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
 
 
-def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) -> TrainResult:
-    """Train `stage` ('pretrain' | 'finetune') as configured, resuming from the run's latest checkpoint.
+def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
+              allow_config_change: bool = False) -> TrainResult:
+    """Train `stage` ('pretrain' | 'finetune') as configured, resuming from the run's latest checkpoint
+    (refused when training settings changed, unless `allow_config_change`; see `check_resume_config`).
 
     The config is checked first (before any tokenizer, dataset or directory work) and the workdir is
     locked for the whole stage. SIGINT / SIGTERM stop the loop at a step boundary, save a checkpoint of
@@ -348,13 +410,14 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) ->
     lock = run_directory_lock(cfg.workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
         try:
-            return _run_stage(cfg, stage, stop_at_step=stop_at_step)
+            return _run_stage(cfg, stage, stop_at_step=stop_at_step, allow_config_change=allow_config_change)
         except BaseException:
             ckpt_lib.close_all()  # no orbax thread may outlive a failed stage (it would print after the error)
             raise
 
 
-def _run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) -> TrainResult:
+def _run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
+               allow_config_change: bool = False) -> TrainResult:
     sc = cfg.stage(stage)
     t = sc.train
     run_dir = os.path.abspath(cfg.run_dir(stage))
@@ -373,7 +436,9 @@ def _run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None) -
     latest = ckpt.latest_step()
     if latest is not None:  # resuming: the architecture is the one this run started with
         where = os.path.join(checkpoint_dir, str(latest))
-        stored = _stored_model_config(ckpt_lib.read_checkpoint_config(where), where)
+        stored_dict = ckpt_lib.read_checkpoint_config(where)
+        stored = _stored_model_config(stored_dict, where)
+        check_resume_config(stored_dict.get("run"), cfg, stage, where, allow_config_change)
         model_config = _merge_model_config(stored, cfg, where)
         init = None
     else:
@@ -611,6 +676,72 @@ def _save_on_interrupt(signum, stage, state, ckpt, config_dict, data_state, chec
     else:
         where = "no checkpoint could be saved"
     return Interrupted(f"interrupted at step {step} ({stage}); {where}; run the same command to resume", signum)
+
+
+# Settings that define the training trajectory a checkpoint is part of: the learning-rate schedule is built
+# from them, the optimizer state and data-iterator position only mean something under them. Everything
+# else (logging, evaluation and checkpoint cadence, mesh, dtype, remat...) may change on resume.
+RESUME_CHECKED_KEYS = (
+    "{stage}.optimizer", "{stage}.schedule", "{stage}.train.steps", "{stage}.train.batch_size",
+    "{stage}.train.micro_batches", "{stage}.train.source_length", "{stage}.train.target_length",
+    "{stage}.train.seed", "{stage}.train.label_smoothing", "data.{stage}_source", "data.train_split",
+    "data.shuffle_seed", "noise")
+ALLOW_CONFIG_CHANGE_HELP = ("resume even if training settings (steps, optimizer, schedule, batch size, lengths, "
+                            "data, noise) differ from the checkpoint's; what changed is logged")
+
+
+_MISSING = object()
+
+
+def _flatten(value, prefix: str) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+def resume_config_changes(stored_run: dict, cfg: RunConfig, stage: str) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every `RESUME_CHECKED_KEYS` setting that differs.
+    Keys the stored config lacks (written by an older version) are not compared."""
+    # Through JSON, as the checkpoint stored it, so tuples and lists compare equal.
+    current = json.loads(json.dumps(cfg.to_dict()))
+    changes = []
+    for pattern in RESUME_CHECKED_KEYS:
+        if pattern == "noise" and stage != "pretrain":
+            continue  # only pretraining noises its batches
+        path = pattern.format(stage=stage).split(".")
+        old, new = stored_run, current
+        for part in path:
+            old = old.get(part, _MISSING) if isinstance(old, dict) else _MISSING
+            new = new.get(part, _MISSING) if isinstance(new, dict) else _MISSING
+        if old is _MISSING:
+            continue
+        flat_old, flat_new = _flatten(old, ".".join(path)), _flatten(new, ".".join(path))
+        for key in sorted(set(flat_old) | set(flat_new)):
+            a, b = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
+            if a != b:
+                changes.append((key, None if a is _MISSING else a, None if b is _MISSING else b))
+    return changes
+
+
+def check_resume_config(stored_run: dict | None, cfg: RunConfig, stage: str, where: str,
+                        allow_config_change: bool) -> None:
+    """Refuse (ValueError) to resume from the checkpoint at `where` when this run's training settings differ
+    from the ones it was trained with; with `allow_config_change`, log the changes and go on."""
+    if not isinstance(stored_run, dict):
+        return  # nothing stored to compare with
+    changes = resume_config_changes(stored_run, cfg, stage)
+    if not changes:
+        return
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
+    if allow_config_change:
+        logger.warning("resuming from %s with changed training settings (allowed): %s", where, listed)
+        return
+    raise ValueError(f"resuming from {where}: this run's training settings differ from the checkpoint's "
+                     f"(checkpoint -> now) {listed}; pass --allow-config-change (allow_config_change=True) to "
+                     "resume with the new settings, or train into another workdir / run_name")
 
 
 def _stored_model_config(stored: dict, where: str) -> BartConfig:
