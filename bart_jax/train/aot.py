@@ -199,3 +199,25 @@ def collective_summary(colls: list[dict]) -> dict[str, dict[str, float]]:
         s["bytes"] += c["bytes"] * c["count"]
         s["traffic"] += c["traffic"] * c["count"]
     return summary
+
+
+# ----------------------------------------------------------------------------------- StableHLO (dtypes)
+_LOC_DEF = re.compile(r'^#(loc\d+) = loc\((?:callsite\()?"([^"]*)"', re.M)
+_TENSOR_DTYPE = re.compile(r"tensor<(?:[\d?]+x)*([a-z]+\d*)>")
+_OP = re.compile(r"\bstablehlo\.(dot_general|reduce|convert)\b(.*?):\s*\(([^)]*)\)\s*->\s*(\S+?)\s+loc\(#(loc\d+)\)")
+
+
+def stablehlo_ops(text: str, ops=("dot_general", "reduce")) -> list[dict]:
+    """dot_general / reduce / convert ops of StableHLO text lowered with `as_text(debug_info=True)`:
+    [{'op', 'operands': operand element types, 'result': result element type, 'name': the jax op name
+    path it came from (e.g. '.../transpose(jvp(Bart))/Bart.decode/Bart._logits/.../dot_general')}]."""
+    names = dict(_LOC_DEF.findall(text))
+    out = []
+    for m in _OP.finditer(text):
+        if m.group(1) not in ops:
+            continue
+        operands = _TENSOR_DTYPE.findall(m.group(3))
+        result = _TENSOR_DTYPE.findall(m.group(4))
+        out.append({"op": m.group(1), "operands": operands, "result": result[0] if result else "",
+                    "name": names.get(m.group(5), "")})
+    return out
