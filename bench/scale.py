@@ -158,16 +158,26 @@ def worker(args) -> int:
     return 0
 
 
-def run_device_count(n: int, cases: list[dict], timeout: float) -> list[dict]:
+def run_device_count(n: int, cases: list[dict], timeout: float, on_row=None) -> list[dict]:
+    """Compile `cases` in a subprocess with `n` simulated devices; rows as they arrive (on_row(row) each)."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
            "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cases)],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    rows = [json.loads(line[len("SCALE_ROW "):]) for line in proc.stdout.splitlines()
-            if line.startswith("SCALE_ROW ")]
-    if proc.returncode != 0 or len(rows) != len(cases):
-        print(f"{n}-device worker exit {proc.returncode}:\n{proc.stderr[-3000:]}", file=sys.stderr)
+    rows = []
+    with subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cases)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+        deadline = time.monotonic() + timeout
+        for line in proc.stdout:
+            if line.startswith("SCALE_ROW "):
+                rows.append(json.loads(line[len("SCALE_ROW "):]))
+                if on_row:
+                    on_row(rows[-1])
+            if time.monotonic() > deadline:
+                proc.kill()
+                break
+    if len(rows) != len(cases):
+        print(f"{n}-device worker (exit {proc.returncode}) returned {len(rows)} of {len(cases)} cases",
+              file=sys.stderr)
     return rows
 
 
@@ -206,7 +216,7 @@ def fmt_table(rows: list[dict], markdown: bool = False) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="bart-base,bart-large,bart-1.5b", help=f"comma list of {list(MODELS)}")
+    parser.add_argument("--models", default="bart-large,bart-1.5b,bart-base", help=f"comma list of {list(MODELS)}")
     parser.add_argument("--devices", default="8,64,256", help=f"comma list of {sorted(LAYOUTS)}")
     parser.add_argument("--layouts", default=None,
                         help="override the layouts: 'd,f,t;d,f,t' (each must multiply to a --devices count)")
@@ -238,15 +248,28 @@ def main(argv=None) -> int:
         by_count = {n: [lay for lay in layouts if lay[0] * lay[1] * lay[2] == n] for n in counts}
     else:
         by_count = {n: LAYOUTS[n] for n in counts if n in LAYOUTS}
+    import jax
+
     rows = []
     start = time.perf_counter()
-    for n, layouts in by_count.items():
-        cases = [dict(name=m, layout=list(lay), per_shard_batch=args.per_device_batch, source=args.source_length,
-                      target=args.target_length, micro=args.micro_batches) for m in models for lay in layouts]
-        if cases:
-            rows += run_device_count(n, cases, args.timeout)
-            print(f"{n} devices: {len(cases)} cases compiled, {time.perf_counter() - start:.0f}s so far",
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save(row=None):
+        # rewritten after every case, so an interrupted run keeps what it compiled
+        with open(args.out, "w") as f:
+            json.dump({"assumptions": ASSUMPTIONS, "jax": jax.__version__, "args": vars(args), "rows": rows}, f,
+                      indent=1)
+        if row is not None:
+            print(f"{row.get('model', row.get('name'))} {row['layout']}: "
+                  f"{'error' if 'error' in row else 'ok'} ({time.perf_counter() - start:.0f}s so far)",
                   file=sys.stderr, flush=True)
+
+    for m in models:  # model-major: the models listed first are complete first
+        for n, layouts in by_count.items():
+            cases = [dict(name=m, layout=list(lay), per_shard_batch=args.per_device_batch, source=args.source_length,
+                          target=args.target_length, micro=args.micro_batches) for lay in layouts]
+            if cases:
+                run_device_count(n, cases, args.timeout, on_row=lambda r: (rows.append(r), save(r)))
 
     print(f"Train step AOT-compiled for simulated CPU meshes (nothing executed): bf16 compute, fp32 params + "
           f"LAMB state, {args.micro_batches} micro-batches of {args.per_device_batch} sequences per batch shard, "
@@ -254,12 +277,7 @@ def main(argv=None) -> int:
           "traffic per step; (exp) = analytic expectation.")
     print("Assumptions: " + "; ".join(f"{k}={v}" for k, v in ASSUMPTIONS.items()))
     print(fmt_table(rows, markdown=args.markdown))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    import jax
-
-    with open(args.out, "w") as f:
-        json.dump({"assumptions": ASSUMPTIONS, "jax": jax.__version__, "args": vars(args), "rows": rows}, f,
-                  indent=1)
+    save()
     print(f"wrote {args.out}")
     return 0 if rows and all("error" not in r for r in rows) else 1
 

@@ -63,7 +63,9 @@ def hf_config(config) -> dict:
     return hf
 
 
-def bench_jax(name: str, dtype: str, steps: int, warmup: int) -> dict:
+def bench_jax(name: str, dtype: str, steps: int, warmup: int, batch: int | None = None,
+              source_length: int | None = None, target_length: int | None = None) -> dict:
+    """Time the jitted train step of shape `name` (batch and lengths overridable; target defaults to source)."""
     import jax
     import numpy as np
 
@@ -74,7 +76,10 @@ def bench_jax(name: str, dtype: str, steps: int, warmup: int) -> dict:
     from bart_jax.train.state import abstract_params, create_train_state
     from bart_jax.train.step import compile_train_step, make_train_step
 
-    preset_name, batch, length = SHAPES[name]
+    preset_name, default_batch, length = SHAPES[name]
+    batch = batch or default_batch
+    source = source_length or length
+    target = target_length or source
     model = preset(preset_name, dtype=dtype, param_dtype="float32", dropout=0.1)
     mesh = partitioning.make_mesh(C.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     optimizer, schedule = optim.make_optimizer(
@@ -83,8 +88,8 @@ def bench_jax(name: str, dtype: str, steps: int, warmup: int) -> dict:
     state, shardings = create_train_state(model, optimizer, mesh, seed=0)
     step = compile_train_step(make_train_step(model, optimizer, schedule, label_smoothing=0.1), shardings, mesh)
     rng = np.random.RandomState(0)
-    ids = rng.randint(4, model.vocab_size, (batch, length)).astype(np.int32)
-    labels = rng.randint(4, model.vocab_size, (batch, length)).astype(np.int32)
+    ids = rng.randint(4, model.vocab_size, (batch, source)).astype(np.int32)
+    labels = rng.randint(4, model.vocab_size, (batch, target)).astype(np.int32)
     dec = np.asarray(shift_tokens_right(labels, model.pad_token_id, model.decoder_start_token_id))
     data = jax.device_put(dict(input_ids=ids, attention_mask=np.ones_like(ids), decoder_input_ids=dec,
                                decoder_attention_mask=np.ones_like(dec), labels=labels),
@@ -99,9 +104,10 @@ def bench_jax(name: str, dtype: str, steps: int, warmup: int) -> dict:
         state, metrics = step(state, data)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - t0) / steps
-    step_flops = flops.train_step_flops(model, batch, length, length)
-    return {"shape": name, "dtype": dtype, "batch": batch, "length": length, "step_s": step_s,
-            "warmup_s": compile_s, "tokens_per_s": batch * 2 * length / step_s, "model_flops_per_step": step_flops,
+    step_flops = flops.train_step_flops(model, batch, source, target)
+    return {"shape": name, "dtype": dtype, "batch": batch, "length": source, "target_length": target,
+            "step_s": step_s, "warmup_s": compile_s, "tokens_per_s": batch * (source + target) / step_s,
+            "model_flops_per_step": step_flops,
             "model_flops_per_s": step_flops / step_s, "loss": float(metrics["loss"]), "config": hf_config(model)}
 
 
