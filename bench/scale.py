@@ -181,6 +181,47 @@ def run_device_count(n: int, cases: list[dict], timeout: float, on_row=None) -> 
     return rows
 
 
+def fit_largest(rows: list[dict]) -> list[dict]:
+    """Per layout measured for >= 2 models: fit peak bytes/device = a * params / (fsdp * tensor) + b * layers
+    * d_model (state + gradient accumulators scale with the parameter shard, activations with depth x
+    width at this per-device batch) and return the largest MODELS shape predicted to fit each HBM size.
+    An extrapolation from the compiled cases, labelled as such in the output."""
+    import numpy as np
+
+    shapes = {}
+    for name, spec in MODELS.items():
+        if name == "tiny":
+            continue
+        cfg = model_config(name)
+        shapes[name] = (approx_params(cfg), (cfg.encoder_layers + cfg.decoder_layers) * cfg.d_model)
+    out = []
+    layouts = sorted({tuple(r["layout"]) for r in rows if "error" not in r}, key=lambda x: (x[0] * x[1] * x[2], x))
+    for lay in layouts:
+        got = [r for r in rows if "error" not in r and tuple(r["layout"]) == lay]
+        if len(got) < 2:
+            continue
+        shard = lay[1] * lay[2]
+        a_mat = np.array([[r["params"] / shard, shapes[r["model"]][1]] for r in got], float)
+        coef, *_ = np.linalg.lstsq(a_mat, np.array([r["peak_bytes"] for r in got], float), rcond=None)
+        row = {"layout": list(lay), "bytes_per_param_shard": coef[0], "bytes_per_layer_width": coef[1],
+               "fitted_on": [r["model"] for r in got]}
+        for hbm, gib in ASSUMPTIONS["hbm_gib"].items():
+            fits = [(p, n) for n, (p, lw) in shapes.items() if coef[0] * p / shard + coef[1] * lw <= gib * GIB]
+            row[hbm] = max(fits)[1] if fits else "none"
+        out.append(row)
+    return out
+
+
+def approx_params(cfg) -> int:
+    """Parameter count of a BartConfig (exact for this model's layout, without building it)."""
+    d, v = cfg.d_model, cfg.padded_vocab_size
+    attn = 4 * d * d + 4 * d
+    enc = attn + 2 * d * cfg.encoder_ffn_dim + cfg.encoder_ffn_dim + d + 4 * d
+    dec = 2 * attn + 2 * d * cfg.decoder_ffn_dim + cfg.decoder_ffn_dim + d + 6 * d
+    pos = 2 * (cfg.max_position_embeddings + 2) * d
+    return v * d + v + pos + 4 * d + cfg.encoder_layers * enc + cfg.decoder_layers * dec
+
+
 def fmt_table(rows: list[dict], markdown: bool = False) -> str:
     cols = ["model", "params", "dev", "d×f×t", "batch", "params/dev MiB (exp)", "opt/dev MiB (exp)",
             "temp GiB", "peak GiB", "all-gather GB", "all-reduce GB", "other GB", "exp. gather+grad GB",
@@ -235,7 +276,10 @@ def main(argv=None) -> int:
         return worker(args)
     if args.from_json:
         with open(args.from_json) as f:
-            print(fmt_table(json.load(f)["rows"], markdown=args.markdown))
+            rows = json.load(f)["rows"]
+        print(fmt_table(rows, markdown=args.markdown))
+        for fit in fit_largest(rows):
+            print(fit)
         return 0
 
     models = [m for m in args.models.split(",") if m]
@@ -277,6 +321,14 @@ def main(argv=None) -> int:
           "traffic per step; (exp) = analytic expectation.")
     print("Assumptions: " + "; ".join(f"{k}={v}" for k, v in ASSUMPTIONS.items()))
     print(fmt_table(rows, markdown=args.markdown))
+    fits = fit_largest(rows)
+    if fits:
+        print("\nLargest MODELS shape predicted to fit (EXTRAPOLATED: peak = a*params/(fsdp*tensor) + "
+              "b*layers*d_model fitted per layout on the compiled models, same per-device batch):")
+        for f in fits:
+            print(f"  {'x'.join(map(str, f['layout']))}: " + ", ".join(
+                f"{hbm}: {f[hbm]}" for hbm in ASSUMPTIONS["hbm_gib"]) +
+                f"  (a={f['bytes_per_param_shard']:.1f} B/param, fitted on {', '.join(f['fitted_on'])})")
     save()
     print(f"wrote {args.out}")
     return 0 if rows and all("error" not in r for r in rows) else 1
