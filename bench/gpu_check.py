@@ -75,6 +75,7 @@ def stage_train(plan, report, peaks):
     for name, batches in plan["train"]:
         row = {"shape": name, "dtype": "bfloat16", "tried": []}
         for batch in batches:
+            r = None
             try:
                 r = bench_train.bench_jax(name, "bfloat16", plan["steps"], 1, batch=batch,
                                           source_length=plan["source"], target_length=plan["target"])
@@ -82,6 +83,8 @@ def stage_train(plan, report, peaks):
                 if not is_oom(e):
                     raise
                 row["tried"].append({"batch": batch, "oom": str(e).splitlines()[0][:200]})
+            if r is None:
+                # outside the except clause, so the failed attempt's buffers (held by its traceback) are free
                 jax.clear_caches()
                 gc.collect()
                 continue

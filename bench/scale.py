@@ -269,14 +269,16 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per device count")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     parser.add_argument("--out", default=os.path.join(HERE, "out", "scale.json"))
-    parser.add_argument("--from-json", help="only print the table of an earlier run's JSON")
+    parser.add_argument("--from-json", help="only print the table of earlier runs' JSON (comma list, merged)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
     if args.from_json:
-        with open(args.from_json) as f:
-            rows = json.load(f)["rows"]
+        rows = []
+        for path in args.from_json.split(","):
+            with open(path) as f:
+                rows += json.load(f)["rows"]
         print(fmt_table(rows, markdown=args.markdown))
         for fit in fit_largest(rows):
             print(fit)

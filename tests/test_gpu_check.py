@@ -18,7 +18,7 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
            "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--smoke",
                            "--budget-s", "100000", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=3000)  # CPU-bound compiles on a loaded 2-core box
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["stages"]) == {"fixture", "cudnn", "train", "xsum"}
