@@ -142,7 +142,8 @@ def compile_case(name: str, layout, per_shard_batch: int, source: int, target: i
     }
     a = ASSUMPTIONS
     row["compute_s"] = step_flops / n / (a["peak_bf16_flops_per_gpu"] * a["assumed_mfu"])
-    row["comm_s"] = row["traffic_nvlink"] / a["nvlink_bytes_per_s"] + row["traffic_infiniband"] / a["infiniband_bytes_per_s"]
+    row["comm_s"] = (row["traffic_nvlink"] / a["nvlink_bytes_per_s"]
+                     + row["traffic_infiniband"] / a["infiniband_bytes_per_s"])
     row["comm_over_compute"] = row["comm_s"] / row["compute_s"]
     return row
 
@@ -233,7 +234,8 @@ def fmt_table(rows: list[dict], markdown: bool = False) -> str:
         lines.append("  ".join(cols))
     for r in rows:
         if "error" in r:
-            cells = [r["name"], "", str(r["layout"][0] * r["layout"][1] * r["layout"][2]), "×".join(map(str, r["layout"])), "", r["error"][:80]]
+            lay = r["layout"]
+            cells = [r["name"], "", str(lay[0] * lay[1] * lay[2]), "×".join(map(str, lay)), "", r["error"][:80]]
             cells += [""] * (len(cols) - len(cells))
         else:
             c = r["collectives"]

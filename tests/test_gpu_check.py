@@ -16,9 +16,10 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            "PYTHONPATH": ROOT}
+    # (the timeout is for CPU-bound compiles on a loaded 2-core machine)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--smoke",
                            "--budget-s", "100000", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=3000)  # CPU-bound compiles on a loaded 2-core box
+                          env=env, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["stages"]) == {"fixture", "cudnn", "train", "xsum"}
