@@ -208,9 +208,23 @@ def fit_largest(rows: list[dict]) -> list[dict]:
                "fitted_on": [r["model"] for r in got]}
         for hbm, gib in ASSUMPTIONS["hbm_gib"].items():
             fits = [(p, n) for n, (p, lw) in shapes.items() if coef[0] * p / shard + coef[1] * lw <= gib * GIB]
-            row[hbm] = max(fits)[1] if fits else "none"
+            best = max(fits)[1] if fits else "none"
+            row[hbm] = f">= {best} (largest shape listed)" if best == max(shapes.items(), key=lambda x: x[1][0])[0] \
+                else best
         out.append(row)
     return out
+
+
+def print_fits(rows: list[dict]) -> None:
+    fits = fit_largest(rows)
+    if fits:
+        print("\nLargest MODELS shape predicted to fit (EXTRAPOLATED: peak = a*params/(fsdp*tensor) + "
+              "b*layers*d_model fitted per layout on the compiled models, same per-device batch):")
+        for f in fits:
+            print(f"  {'x'.join(map(str, f['layout']))}: " + ", ".join(
+                f"{hbm}: {f[hbm]}" for hbm in ASSUMPTIONS["hbm_gib"]) +
+                f"  (a={f['bytes_per_param_shard']:.1f} B/param, b={f['bytes_per_layer_width'] / 2**20:.2f} MiB"
+                f" per layer x d_model unit, fitted on {', '.join(f['fitted_on'])})")
 
 
 def approx_params(cfg) -> int:
@@ -282,8 +296,7 @@ def main(argv=None) -> int:
             with open(path) as f:
                 rows += json.load(f)["rows"]
         print(fmt_table(rows, markdown=args.markdown))
-        for fit in fit_largest(rows):
-            print(fit)
+        print_fits(rows)
         return 0
 
     models = [m for m in args.models.split(",") if m]
@@ -325,14 +338,7 @@ def main(argv=None) -> int:
           "traffic per step; (exp) = analytic expectation.")
     print("Assumptions: " + "; ".join(f"{k}={v}" for k, v in ASSUMPTIONS.items()))
     print(fmt_table(rows, markdown=args.markdown))
-    fits = fit_largest(rows)
-    if fits:
-        print("\nLargest MODELS shape predicted to fit (EXTRAPOLATED: peak = a*params/(fsdp*tensor) + "
-              "b*layers*d_model fitted per layout on the compiled models, same per-device batch):")
-        for f in fits:
-            print(f"  {'x'.join(map(str, f['layout']))}: " + ", ".join(
-                f"{hbm}: {f[hbm]}" for hbm in ASSUMPTIONS["hbm_gib"]) +
-                f"  (a={f['bytes_per_param_shard']:.1f} B/param, fitted on {', '.join(f['fitted_on'])})")
+    print_fits(rows)
     save()
     print(f"wrote {args.out}")
     return 0 if rows and all("error" not in r for r in rows) else 1
