@@ -42,13 +42,16 @@ MODELS = {
     "bart-2.9b": dict(preset="bart-large", d_model=2048, encoder_layers=24, decoder_layers=24,
                       encoder_attention_heads=32, decoder_attention_heads=32, encoder_ffn_dim=8192,
                       decoder_ffn_dim=8192),
-    "bart-6.6b": dict(preset="bart-large", d_model=3072, encoder_layers=24, decoder_layers=24,
+    "bart-6.5b": dict(preset="bart-large", d_model=3072, encoder_layers=24, decoder_layers=24,
                       encoder_attention_heads=48, decoder_attention_heads=48, encoder_ffn_dim=12288,
                       decoder_ffn_dim=12288),
-    "bart-11.7b": dict(preset="bart-large", d_model=4096, encoder_layers=24, decoder_layers=24,
+    "bart-11.5b": dict(preset="bart-large", d_model=4096, encoder_layers=24, decoder_layers=24,
                        encoder_attention_heads=64, decoder_attention_heads=64, encoder_ffn_dim=16384,
                        decoder_ffn_dim=16384),
-    # A CPU-sized model for --smoke and the test.
+    "bart-24b": dict(preset="bart-large", d_model=5120, encoder_layers=32, decoder_layers=32,
+                     encoder_attention_heads=80, decoder_attention_heads=80, encoder_ffn_dim=20480,
+                     decoder_ffn_dim=20480),
+    # A CPU-sized model for quick checks.
     "tiny": dict(preset="tiny"),
 }
 
