@@ -98,18 +98,20 @@ def _first_group(attrs: str, num_devices: int) -> list[int]:
     """The replica group holding logical device 0 (ids index the mesh's flattened devices): from the mesh
     form `mesh['axis_0'=8,'axis_1'=2] {'axis_1'}` (iota over the axes, the group spans the listed ones),
     an explicit `{{0,1,..},..}`, or an untransposed iota `[groups,size]<=[n]`; else all devices."""
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(([^)]*\)?)\))?\s*\{([^}]*)\}", attrs)
     if m:
-        axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
-        strides, stride = {}, 1
-        for name, size in reversed(axes):
-            strides[name] = (stride, int(size))
-            stride *= int(size)
-        ids = [0]
-        for name in re.findall(r"'([^']+)'", m.group(2)):
-            st, size = strides[name]
-            ids = [i + k * st for i in ids for k in range(size)]
-        return ids
+        axes = [(name, int(size)) for name, size in re.findall(r"'([^']+)'=(\d+)", m.group(1))]
+        ids = np.arange(math.prod(size for _, size in axes))
+        if m.group(2):  # device_ids=([32,8]T(1,0)): an iota of that shape, transposed, is the device order
+            dims = [int(x) for x in re.match(r"\[([\d,]+)\]", m.group(2)).group(1).split(",")]
+            perm = re.search(r"T\(([\d,]+)\)", m.group(2))
+            ids = ids.reshape(dims)
+            if perm:
+                ids = ids.transpose([int(x) for x in perm.group(1).split(",")])
+        ids = ids.reshape([size for _, size in axes])
+        grouped = set(re.findall(r"'([^']+)'", m.group(3)))
+        index = tuple(slice(None) if name in grouped else 0 for name, _ in axes)
+        return [int(i) for i in ids[index].ravel()]
     m = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
     if m and m.group(1):
         return [int(i) for i in m.group(1).split(",")]
