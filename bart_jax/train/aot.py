@@ -97,7 +97,7 @@ def _shape_bytes(text: str) -> int:
 def _first_group(attrs: str, num_devices: int) -> list[int]:
     """The replica group holding logical device 0 (ids index the mesh's flattened devices): from the mesh
     form `mesh['axis_0'=8,'axis_1'=2] {'axis_1'}` (iota over the axes, the group spans the listed ones),
-    an explicit `{{0,1,..},..}`, or an untransposed iota `[groups,size]<=[n]`; else all devices."""
+    an explicit `{{0,1,..},..}`, or an iota `[groups,size]<=[dims]T(perm)`; else all devices."""
     m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(([^)]*\)?)\))?\s*\{([^}]*)\}", attrs)
     if m:
         axes = [(name, int(size)) for name, size in re.findall(r"'([^']+)'=(\d+)", m.group(1))]
@@ -115,9 +115,12 @@ def _first_group(attrs: str, num_devices: int) -> list[int]:
     m = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
     if m and m.group(1):
         return [int(i) for i in m.group(1).split(",")]
-    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[\d+\](?!T)", attrs)
-    if m:
-        return list(range(int(m.group(2))))
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
+    if m:  # iota form: [groups,size]<=[dims]T(perm) -- arange over dims, transposed, one group per row
+        ids = np.arange(int(m.group(1)) * int(m.group(2))).reshape([int(x) for x in m.group(3).split(",")])
+        if m.group(4):
+            ids = ids.transpose([int(x) for x in m.group(4).split(",")])
+        return [int(i) for i in ids.reshape(int(m.group(1)), int(m.group(2)))[0]]
     m = re.search(r"source_target_pairs=\{\{(\d+),(\d+)\}", attrs)
     if m:
         return [int(m.group(1)), int(m.group(2))]
