@@ -74,6 +74,7 @@ ASSUMPTIONS = {
     "hbm_gib": {"H100 80GB": 80 * 1e9 / 2**30, "H200 141GB": 141 * 1e9 / 2**30},
 }
 GIB = 2 ** 30
+STATE_BYTES_PER_PARAM = 16  # fp32 weights + LAMB/Adam mu, nu + fp32 gradient accumulator
 
 
 def model_config(name: str):
@@ -188,8 +189,8 @@ def run_device_count(n: int, cases: list[dict], timeout: float, on_row=None) -> 
 def fit_largest(rows: list[dict]) -> list[dict]:
     """Per layout measured for >= 2 models: fit peak bytes/device = a * params / (fsdp * tensor) + b * layers
     * d_model (state + gradient accumulators scale with the parameter shard, activations with depth x
-    width at this per-device batch) and return the largest MODELS shape predicted to fit each HBM size.
-    An extrapolation from the compiled cases, labelled as such in the output."""
+    width at this per-device batch; a is kept >= STATE_BYTES_PER_PARAM) and return the largest MODELS
+    shape predicted to fit each HBM size. An extrapolation from the compiled cases, labelled as such."""
     import numpy as np
 
     shapes = {}
@@ -206,7 +207,14 @@ def fit_largest(rows: list[dict]) -> list[dict]:
             continue
         shard = lay[1] * lay[2]
         a_mat = np.array([[r["params"] / shard, shapes[r["model"]][1]] for r in got], float)
-        coef, *_ = np.linalg.lstsq(a_mat, np.array([r["peak_bytes"] for r in got], float), rcond=None)
+        peaks = np.array([r["peak_bytes"] for r in got], float)
+        coef, *_ = np.linalg.lstsq(a_mat, peaks, rcond=None)
+        if coef[0] < STATE_BYTES_PER_PARAM:
+            # Ill-conditioned where the state shard is negligible (fsdp x tensor large): pin a to the
+            # state every layout must hold (fp32 weights + 2 Adam moments + fp32 gradient accumulator).
+            coef[0] = STATE_BYTES_PER_PARAM
+            rest = peaks - coef[0] * a_mat[:, 0]
+            coef[1] = float(a_mat[:, 1] @ rest / (a_mat[:, 1] @ a_mat[:, 1]))
         row = {"layout": list(lay), "bytes_per_param_shard": coef[0], "bytes_per_layer_width": coef[1],
                "fitted_on": [r["model"] for r in got]}
         for hbm, gib in ASSUMPTIONS["hbm_gib"].items():
@@ -294,10 +302,12 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
     if args.from_json:
-        rows = []
+        merged = {}  # a later file's row for the same (model, layout) replaces an earlier one
         for path in args.from_json.split(","):
             with open(path) as f:
-                rows += json.load(f)["rows"]
+                for r in json.load(f)["rows"]:
+                    merged[(r.get("model", r.get("name")), tuple(r["layout"]))] = r
+        rows = list(merged.values())
         print(fmt_table(rows, markdown=args.markdown))
         print_fits(rows)
         return 0
