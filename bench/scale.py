@@ -307,9 +307,21 @@ def main(argv=None) -> int:
             with open(path) as f:
                 for r in json.load(f)["rows"]:
                     merged[(r.get("model", r.get("name")), tuple(r["layout"]))] = r
-        rows = list(merged.values())
+        names = list(MODELS)
+
+        def order(r):
+            lay, n = tuple(r["layout"]), r["layout"][0] * r["layout"][1] * r["layout"][2]
+            known = LAYOUTS.get(n, [])
+            return n, names.index(r.get("model", r.get("name"))), known.index(lay) if lay in known else len(known)
+
+        rows = sorted(merged.values(), key=order)
         print(fmt_table(rows, markdown=args.markdown))
         print_fits(rows)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"assumptions": ASSUMPTIONS, "merged_from": args.from_json.split(","), "rows": rows,
+                       "fits": fit_largest(rows)}, f, indent=1)
+        print(f"wrote {args.out}")
         return 0
 
     models = [m for m in args.models.split(",") if m]
