@@ -142,7 +142,9 @@ def hf_config(config) -> dict:
     return hf
 
 
-def bench_jax(name: str, dtype: str, steps: int, warmup: int) -> dict:
+def bench_jax(name: str, dtype: str, steps: int, warmup: int, batch: int | None = None,
+              source_length: int | None = None, target_length: int | None = None) -> dict:
+    """Time the jitted train step of shape `name` (batch and lengths overridable; target defaults to source)."""
     import jax
     import numpy as np
 
@@ -153,7 +155,10 @@ def bench_jax(name: str, dtype: str, steps: int, warmup: int) -> dict:
     from bart_jax.train.state import abstract_params, create_train_state
     from bart_jax.train.step import compile_train_step, make_train_step
 
-    preset_name, overrides, batch, src, tgt = SHAPES[name]
+    preset_name, overrides, default_batch, default_source, default_target = SHAPES[name]
+    batch = batch or default_batch
+    src = source_length or default_source
+    tgt = target_length or (source_length if source_length else default_target)
     model = preset(preset_name, **{**overrides, "dtype": dtype, "param_dtype": "float32", "dropout": 0.1})
     mesh = partitioning.make_mesh(C.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     optimizer, schedule = optim.make_optimizer(

@@ -206,6 +206,10 @@ class Compiled:
     def lower(self, *args):
         return self._call(self._fn.lower, args)
 
+    def trace(self, *args):
+        """jax.stages.Traced, e.g. to `.lower(lowering_platforms=("cuda",))` on a machine without a GPU."""
+        return self._call(self._fn.trace, args)
+
 
 def compile_train_step(train_step, shardings: TrainState, mesh: Mesh,
                        rules=partitioning.LOGICAL_AXIS_RULES) -> Compiled:
