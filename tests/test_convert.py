@@ -44,9 +44,14 @@ def test_logits_match_reference_float32(name):
     enc, logits = _forward(config, params, ref)
     chex.assert_type(logits, np.float32)
     np.testing.assert_allclose(enc, ref["encoder_last_hidden_state"], atol=1e-5, rtol=0)
-    # |Δ| <= 1e-5 + 1e-6·|ref|: these fixtures' logits reach ~13, where float32 itself is ~1e-5 off
-    # (Hugging Face's own float32 logits differ from its float64 ones by 1.04e-5 on bart_default).
-    np.testing.assert_allclose(logits, ref["logits"], atol=1e-5, rtol=1e-6)
+    # Against the float64 reference: our float32 error may be at most twice Hugging Face's own float32
+    # error on the same inputs. A fixed 1e-5 bar between two float32 implementations is below float32
+    # resolution here (logits reach ~13; HF's float32 logits are 1.04e-5 off its float64 ones on
+    # bart_default) and flips with the CPU's matmul kernels (AVX-512 vs AVX2); the float64 test below is
+    # the strict proof.
+    ours_error = np.max(np.abs(logits - ref["logits_f64"]))
+    hf_error = np.max(np.abs(ref["logits"] - ref["logits_f64"]))
+    assert ours_error <= 2 * hf_error, (ours_error, hf_error)
 
 
 @pytest.mark.parametrize("name", sorted(PARITY_CASES))
