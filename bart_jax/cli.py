@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -42,6 +43,15 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _configure_logging(debug: bool) -> None:
+    """Libraries log through `logging`; the command line shows warnings (everything with --debug). absl's
+    logger carries orbax's and TFDS's routine notices (e.g. a read-only restore), kept for --debug."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a subcommand. The one place where user errors become `bart-jax <command>: error: ...`
     plus exit code 2, and interruptions exit 130 (SIGINT) / 143 (SIGTERM), without a traceback; `--debug`
@@ -58,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, func, _ = COMMANDS[name]
     from bart_jax.errors import Interrupted, Terminated
+
+    _configure_logging(debug)
 
     previous = None
     if threading.current_thread() is threading.main_thread():
