@@ -402,8 +402,10 @@ def test_sigint_checkpoints_at_step_boundary_and_resume_says_so(tmp_path, tiny_d
     step = int(match.group(1))
     assert step >= 2 and match.group(2) == str(workdir / "pretrain" / "checkpoints" / str(step))
     assert os.path.isdir(match.group(2))
-    # Resuming (with a progress bar this time) says where it starts from.
-    resumed = subprocess.run(_train_argv(workdir, tiny_data, steps=step + 1, progress_bar=True), cwd=ROOT,
+    # Resuming (with a progress bar this time) says where it starts from. The run is shortened to end one
+    # step later, a change of `steps` that a resume only accepts when asked to.
+    resumed = subprocess.run(_train_argv(workdir, tiny_data, steps=step + 1, progress_bar=True)
+                             + ["--allow-config-change"], cwd=ROOT,
                              env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {step}" in resumed.stdout + resumed.stderr
