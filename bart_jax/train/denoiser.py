@@ -36,26 +36,20 @@ class DenoiserReport:
 
 def make_accuracy_step(model_config: BartConfig, noise_fn: Callable):
     """step(params, tokens [B, L], index) -> int32 [4]: (clean correct, noised correct, copy correct, targets)."""
-    from bart_jax.model import Bart
-    from bart_jax.train.step import MODEL_KEYS
+    from bart_jax.train.step import make_eval_step
 
-    model = Bart(model_config)
+    eval_step = make_eval_step(model_config, label_smoothing=0.0)  # counts argmax hits on real target tokens
     pad = model_config.pad_token_id
-
-    def correct(params, batch):
-        logits = model.apply({"params": params}, *(batch.get(k) for k in MODEL_KEYS[:4]), deterministic=True)
-        hit = (jnp.argmax(logits, -1) == batch["labels"]) & (batch["labels"] != pad)
-        return jnp.sum(hit, dtype=jnp.int32)
 
     def step(params, tokens, index):
         noised = noise_fn({"tokens": tokens}, index)
         clean = {**noised, "input_ids": noised["labels"], "attention_mask": noised["decoder_attention_mask"]}
+        from_clean, from_noised = eval_step(params, clean, index), eval_step(params, noised, index)
         labels, source = noised["labels"], noised["input_ids"]
         width = min(labels.shape[1], source.shape[1])
         copy_hit = (source[:, :width] == labels[:, :width]) & (labels[:, :width] != pad)
-        targets = jnp.sum(labels != pad, dtype=jnp.int32)
-        return jnp.stack([correct(params, clean), correct(params, noised), jnp.sum(copy_hit, dtype=jnp.int32),
-                          targets])
+        return jnp.stack([from_clean["correct"].astype(jnp.int32), from_noised["correct"].astype(jnp.int32),
+                          jnp.sum(copy_hit, dtype=jnp.int32), from_noised["tokens"]])
 
     return jax.jit(step)
 
