@@ -35,6 +35,7 @@ from bart_jax.config import BartConfig, preset
 OPTIMIZERS = ("lamb", "adamw")
 DECAYS = ("constant", "linear", "polynomial", "cosine")
 BEST_MODES = ("min", "max")
+LOGITS_BIAS_INITS = ("target_prior", "zeros")
 
 
 # ----------------------------------------------------------------------------------------- sections
@@ -158,6 +159,9 @@ class StageConfig:
     # in it) or a Hugging Face model directory. 'run:NAME': the best/latest checkpoint of run NAME in
     # this workdir (e.g. 'run:pretrain').
     init_from: str | None = None
+    # A random init's final_logits_bias: 'target_prior' (log unigram of the training targets; see
+    # bart_jax/train/prior.py) or 'zeros' (the reference init). Ignored when init_from gives weights.
+    logits_bias_init: str = "target_prior"
     run_name: str = ""  # subdirectory of workdir; '' means the stage name
 
 
@@ -227,6 +231,8 @@ def validate(cfg: RunConfig) -> None:
                 bad(f"{stage}.optimizer.{f}", getattr(o, f), "must be in [0, 1)")
         if o.weight_decay < 0 or o.clip_norm < 0 or o.eps <= 0:
             bad(f"{stage}.optimizer", dataclasses.asdict(o), "weight_decay, clip_norm >= 0 and eps > 0 required")
+        if s.logits_bias_init not in LOGITS_BIAS_INITS:
+            bad(f"{stage}.logits_bias_init", s.logits_bias_init, f"expected one of {LOGITS_BIAS_INITS}")
         if sch.decay not in DECAYS:
             bad(f"{stage}.schedule.decay", sch.decay, f"expected one of {DECAYS}")
         if sch.warmup_steps < 0:

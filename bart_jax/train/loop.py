@@ -32,6 +32,7 @@ from bart_jax.train import checkpoint as ckpt_lib
 from bart_jax.train import flops as flops_lib
 from bart_jax.train import optim, partitioning
 from bart_jax.train.config import RunConfig, check_run_config, load_config
+from bart_jax.train.prior import target_log_prior, with_logits_bias
 from bart_jax.train.state import abstract_params, create_train_state, state_shardings
 from bart_jax.train.step import (compile_eval_step, compile_train_step, identity_batch, make_eval_step,
                                  make_train_step, summarize_eval)
@@ -292,19 +293,22 @@ def _vocab_check(model_config: BartConfig, tok) -> None:
 
 # ------------------------------------------------------------------------------------------ data
 def stage_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, split: str, *, shuffle: bool,
-                   num_epochs=None):
+                   num_epochs=None, whole_split: bool = False):
+    """The stage's batches of `split`: this process's shard, or with `whole_split` the same batches in every
+    process (read from the whole split, as a one-process run would)."""
     from bart_jax.data import finetune_batches, pretrain_batches
 
     t = cfg.stage(stage).train
+    shard = dict(process_index=0, process_count=1) if whole_split else {}
     if stage == "pretrain":
         return pretrain_batches(dataset[split], tok, seq_len=t.source_length, batch_size=local_batch,
                                 seed=cfg.data.shuffle_seed, shuffle=shuffle, num_epochs=num_epochs,
-                                num_workers=cfg.data.num_workers)
+                                num_workers=cfg.data.num_workers, **shard)
     # Bucketed shapes differ between processes, and a global batch needs the same local shape everywhere.
     return finetune_batches(dataset[split], tok, max_source_len=t.source_length, max_target_len=t.target_length,
                             batch_size=local_batch, seed=cfg.data.shuffle_seed, shuffle=shuffle,
-                            num_epochs=num_epochs, bucket=jax.process_count() == 1,
-                            num_workers=cfg.data.num_workers)
+                            num_epochs=num_epochs, bucket=jax.process_count() == 1 or whole_split,
+                            num_workers=cfg.data.num_workers, **shard)
 
 
 def noise_batch_fns(cfg: RunConfig, tok):
@@ -461,11 +465,16 @@ def _run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
         state, data_states, _ = ckpt.restore(latest, abstract_state, shardings)
         if main_process:
             print(f"{stage}: resumed from step {latest} ({checkpoint_dir})", flush=True)
-    else:
-        params = init(params_shape, shardings.params)
-        state, _ = create_train_state(model_config, optimizer, mesh, t.seed, params=params)
 
     dataset = prepared_dataset(cfg, stage)
+    if latest is None:
+        params = init(params_shape, shardings.params)
+        state, _ = create_train_state(model_config, optimizer, mesh, t.seed, params=params)
+        if params is None and sc.logits_bias_init == "target_prior":
+            batches = stage_batches(cfg, stage, tok, dataset, 64, cfg.data.train_split, shuffle=True,
+                                    num_epochs=1, whole_split=True)
+            log_prior = target_log_prior(batches, model_config.vocab_size, tok.pad_id, max_batches=32)
+            state = with_logits_bias(state, log_prior, shardings.params["final_logits_bias"])
     splits = [cfg.data.train_split] + ([cfg.data.eval_split] if t.eval_every > 0 else [])
     missing = [s for s in splits if s not in dataset]
     if missing:
