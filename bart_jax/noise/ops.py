@@ -98,7 +98,8 @@ def _earliest_cover_flag(spans):
     starts, span_len, flags = spans > 0, spans & 0xFFFF, (spans >> 16) > 0
     w = jnp.arange(spans.shape[1], dtype=jnp.int32)[None, :]
     reach = jax.lax.cummax(jnp.where(starts, w + span_len, 0), axis=1)  # non-decreasing
-    first = jax.vmap(partial(jnp.searchsorted, side="right", method="scan"))(reach, jnp.broadcast_to(w, reach.shape))
+    search = jax.vmap(partial(jnp.searchsorted, side="right", method="scan"))
+    first = search(reach, jnp.broadcast_to(w, reach.shape))
     return P.take(flags, first)
 
 
@@ -112,7 +113,8 @@ def _span_coverage(word, is_span, first, length, info):
     """
     L = word.shape[1]
     edges = jnp.concatenate([jnp.where(is_span, first, L), jnp.where(is_span, first + length, L)], axis=1)
-    per_word = P.cumsum(P.put_add(L, edges, jnp.concatenate([jnp.ones_like(first), -jnp.ones_like(first)], axis=1)))
+    steps = jnp.concatenate([jnp.ones_like(first), -jnp.ones_like(first)], axis=1)
+    per_word = P.cumsum(P.put_add(L, edges, steps))
     info_word = P.put(L, jnp.where(is_span, first, L), info, 0)
     cover = jnp.where(word > 0, P.take(per_word, word - 1), 0)
     return cover, jnp.where(word > 0, P.take(info_word, word - 1), 0)
