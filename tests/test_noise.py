@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import chex
 import jax
@@ -361,6 +362,31 @@ def test_sentence_shuffling_permutes_whole_sentences():
         assert is_concatenation(list(source[b, 1:n - 1]), sentences(tokens[b, :n]))
         changed += not np.array_equal(source[b], tokens[b])
     assert changed > B // 4
+
+
+def test_full_stop_split_reproduces_fairseqs_sentences():
+    """fairseq's BART recipe ends sentences only at the bare '.' token (GPT-2 id 13); the 'full_stop'
+    split does that through the training noise, the default also at '!' and '?'."""
+    from bart_jax.data.tokenizer import load_tokenizer
+    from bart_jax.train import config as C
+    from bart_jax.train.loop import noise_batch_fns
+
+    tok = load_tokenizer(os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer_bpe"))
+    full_stop = tok.encode(".", add_special_tokens=False)
+    assert tok.sentence_end_ids("full_stop") == tuple(full_stop) and len(full_stop) == 1
+    assert set(tok.encode("!?", add_special_tokens=False)) <= set(tok.sentence_end_ids())
+    with pytest.raises(ValueError, match="sentence split"):
+        tok.sentence_end_ids("comma")
+    pieces = [tok.encode(t, add_special_tokens=False) for t in ("Aa bb! Cc dd.", " Ee ff.", " Gg hh.")]
+    row = [tok.bos_id, *sum(pieces, []), tok.eos_id]
+    tokens = jnp.asarray(np.tile(np.asarray(row, np.int32), (64, 1)))
+    for split, splits_at_bang in (("full_stop", False), ("punctuation", True)):
+        cfg = C.RunConfig(noise=C.NoiseSection(preset="sentence_shuffling", overrides=(("sentence_split", split),)))
+        train_fn, _ = noise_batch_fns(cfg, tok)
+        source = np.asarray(train_fn({"tokens": tokens}, 0)["input_ids"])
+        whole = [is_concatenation(list(out[1:-1]), [tuple(p) for p in pieces]) for out in source]
+        assert sum(not np.array_equal(out, row) for out in source) > 16
+        assert all(whole) != splits_at_bang
 
 
 def test_rotation_is_a_cyclic_shift_of_the_interior():
