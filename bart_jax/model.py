@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 from bart_jax.config import BartConfig
@@ -21,12 +22,27 @@ from bart_jax.layers.transformer import Decoder, Encoder, check_length, unstack_
 def shift_tokens_right(labels, pad_token_id: int, decoder_start_token_id: int):
     """Decoder inputs from targets, BART's convention: `[start, y_0, ..., y_{T-2}]`.
 
-    labels: int [B, T] (may hold -100 for ignored positions, which become pad). Returns int32 [B, T].
+    labels: int [B, T] (may hold -100 for ignored positions, which become pad). Returns int32 [B, T]:
+    a NumPy array for a NumPy input (input pipelines stay off the accelerator), else a jax.Array.
     """
-    labels = jnp.asarray(labels)
-    shifted = jnp.concatenate(
-        [jnp.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], axis=1)
-    return jnp.where(shifted == -100, pad_token_id, shifted).astype(jnp.int32)
+    xp = np if isinstance(labels, np.ndarray) else jnp
+    labels = xp.asarray(labels)
+    shifted = xp.concatenate(
+        [xp.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], axis=1)
+    return xp.where(shifted == -100, pad_token_id, shifted).astype(xp.int32)
+
+
+def decoder_inputs(labels, pad_token_id: int, decoder_start_token_id: int) -> dict:
+    """The decoder half of a model batch, one convention for pretraining noise and fine-tuning data.
+
+    labels: int [B, T]. Returns int32 [B, T] arrays (NumPy for a NumPy input): 'decoder_input_ids' =
+    shift_tokens_right(labels) and 'decoder_attention_mask' = decoder_input_ids != pad. The mask marks
+    the decoder's own inputs (the keys it masks), as the Hugging Face reference fixtures do; position 0
+    (the start token) is always on, so no row is fully masked, not even an all-pad label row.
+    """
+    decoder_input_ids = shift_tokens_right(labels, pad_token_id, decoder_start_token_id)
+    return {"decoder_input_ids": decoder_input_ids,
+            "decoder_attention_mask": (decoder_input_ids != pad_token_id).astype(decoder_input_ids.dtype)}
 
 
 def causal_mask(decoder_attention_mask):

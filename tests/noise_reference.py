@@ -62,7 +62,8 @@ class NumpyDraws:
 
 class ForcedDraws:
     """The draws of one row as the jitted kernel consumed them (a NoiseDraws of numpy arrays), mapped
-    to fairseq's random calls the way the kernel maps them."""
+    to fairseq's random calls the way the kernel maps them: a random order takes slots by increasing
+    priority, ties toward the lower slot."""
 
     def __init__(self, draws):
         self.d = draws
@@ -72,17 +73,11 @@ class ForcedDraws:
         p = getattr(self.d, name)
         if p is None:  # the kernel skips the selection when every sentence is permuted
             return np.arange(n)
-        p = np.asarray(p, np.uint32)
-        low = (1 << max(1, (len(p) - 1).bit_length())) - 1
-        key = (p[:n] & np.uint32(0xFFFFFFFF ^ low)) | np.arange(n, dtype=np.uint32)
-        return np.argsort(key, kind="stable")
+        return np.argsort(np.asarray(p, np.uint32)[:n], kind="stable")
 
     def word_order(self, positions: np.ndarray) -> np.ndarray:
         """The kernel keeps one priority per token position and orders the word starts by it."""
-        p = np.asarray(self.d.word_order, np.uint32)
-        low = (1 << max(1, (len(p) - 1).bit_length())) - 1
-        key = (p[positions] & np.uint32(0xFFFFFFFF ^ low)) | positions.astype(np.uint32)
-        return np.argsort(key, kind="stable")
+        return np.argsort(np.asarray(self.d.word_order, np.uint32)[positions], kind="stable")
 
     def span_lengths(self, n: int) -> np.ndarray:
         # Only the draws up to the budget matter, so a short chunk is fine; none left is not.
@@ -99,25 +94,13 @@ class ForcedDraws:
         return np.asarray(getattr(self.d, name))[which]
 
     def insertions(self, stage: str, population: int, n: int, num_random: int):
-        slots = floyd(np.asarray(getattr(self.d, f"{stage}_slots")), population, n)
-        is_random = np.zeros(n, bool)
-        if num_random > 0:
-            is_random[floyd(np.asarray(getattr(self.d, f"{stage}_random")), n, num_random)] = True
-        return slots, is_random
+        """As fairseq: randperm(population)[:n], the first num_random of them random tokens."""
+        order = np.argsort(np.asarray(getattr(self.d, f"{stage}_order"), np.uint32)[:population], kind="stable")
+        return order[:n], np.arange(n) < num_random
 
     def rotation_offset(self, n: int) -> int:
         u = np.float32(np.asarray(self.d.rotate)[1])
         return 1 + min(int(np.floor(u * np.float32(n - 1))), n - 2)
-
-
-def floyd(u, population: int, k: int) -> np.ndarray:
-    """Floyd's k-subset of range(population) driven by uniforms u (as the kernel's floyd)."""
-    picks = []
-    for i in range(k):
-        j = population - k + i
-        t = min(int(np.floor(np.float32(u[i]) * np.float32(j + 1))), j)
-        picks.append(j if t in picks else t)
-    return np.asarray(picks, np.int64)
 
 
 # ------------------------------------------------------------------------------- fairseq's steps

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import chex
 import jax
@@ -27,6 +28,7 @@ from bart_jax.noise import (
 )
 from bart_jax.noise import ops
 from bart_jax.noise import primitives as P
+from bart_jax.noise.draws import row_keys
 
 V, B, L = 96, 96, 40
 WORD_STARTS = R.make_word_starts(V)
@@ -52,7 +54,6 @@ CONFIGS.update({
     "deletion_random_insert": config("token_deletion", random_ratio=0.3, insert_ratio=0.2),
 })
 _sample = jax.jit(sample_draws, static_argnums=(2, 3, 4))
-_exact = jax.jit(functools.partial(apply_noise, force_exact=True), static_argnums=(3,))
 _apply = jax.jit(apply_noise, static_argnums=(3,))
 
 
@@ -102,6 +103,7 @@ def sentences(row) -> list[tuple[int, ...]]:
     ("permute_sentence_ratio", 1.01), ("replace_length", 2), ("mask_length", "sentence"),
     ("poisson_lambda", 0.0), ("poisson_lambda", 20.0), ("mask_id", 2), ("pad_id", -1),
     ("sentence_end_ids", (5, 2)), ("sentence_end_ids", [5]), ("vocab_size", 4), ("source_length", 1),
+    ("sentence_split", "comma"),
 ])
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"NoiseConfig.{field}"):
@@ -159,19 +161,9 @@ def test_matches_fairseq_transcription_on_the_same_draws(name):
     np.testing.assert_array_equal(lengths(mask), (expected != cfg.pad_id).sum(axis=1))
 
 
-@pytest.mark.parametrize("name", ["random_token_masking"])
-def test_exact_path_equals_fast_path(name):
-    cfg = CONFIGS[name]
-    tokens, source, _ = noised(name)
-    draws = _sample(noise_key(0, 0), jnp.arange(B), L, V, cfg)
-    exact, _ = _exact(jnp.asarray(tokens), jnp.asarray(WORD_STARTS), draws, cfg)
-    np.testing.assert_array_equal(np.asarray(exact), source)
-
-
-def test_fallback_when_a_row_has_more_sentences_than_the_fast_path_holds():
+def test_matches_fairseq_on_rows_with_many_sentences_and_more_budget_than_span_draws():
     length = 160
     cfg = config("infilling_shuffling")
-    assert noise_sizes(length, cfg).sentence_cap < (length - 2) // 2
     tokens = np.full((4, length), R.PAD, np.int32)
     body = np.tile([10, R.FULL_STOP], (length - 2) // 2)  # 79 two-token sentences
     tokens[0, :length] = np.concatenate([[R.BOS], body, [R.EOS]])
@@ -181,17 +173,17 @@ def test_fallback_when_a_row_has_more_sentences_than_the_fast_path_holds():
     assert math.ceil(0.3 * WORD_STARTS[tokens[1]].sum()) > noise_sizes(length, cfg).span_draws
     tokens[2:, :22] = np.concatenate([[R.BOS], np.arange(20, 40), [R.EOS]])
     draws = _sample(noise_key(3, 1), jnp.arange(4), length, V, cfg)
-    fast, _ = _apply(jnp.asarray(tokens), jnp.asarray(WORD_STARTS), draws, cfg)
+    source, _ = _apply(jnp.asarray(tokens), jnp.asarray(WORD_STARTS), draws, cfg)
     expected = forced_reference(tokens, cfg, draws)
-    np.testing.assert_array_equal(np.asarray(fast), expected)
+    np.testing.assert_array_equal(np.asarray(source), expected)
     assert not np.array_equal(expected[0], tokens[0])
 
 
-def test_fallback_when_a_row_has_more_zero_length_spans_than_the_fast_path_holds():
+def test_matches_fairseq_on_a_row_with_many_zero_length_spans():
     length = 160
     cfg = config("text_infilling", random_ratio=0.5)
     sizes = noise_sizes(length, cfg)
-    many = sizes.zero_span_cap + 3  # leading zero-length draws: inserts beyond the fast path's bound
+    many = sizes.span_draws // 2  # leading zero-length draws: many inserts
     assert many + 8 <= sizes.span_draws
     tokens = rows(seed=5, length=length, batch=3)
     draws = _sample(noise_key(4, 2), jnp.arange(3), length, V, cfg)
@@ -199,9 +191,9 @@ def test_fallback_when_a_row_has_more_zero_length_spans_than_the_fast_path_holds
     span_lengths[0, :many] = 0
     span_lengths[0, many:] = np.maximum(span_lengths[0, many:], 6)
     draws = draws._replace(span_lengths=jnp.asarray(span_lengths))
-    fast, _ = _apply(jnp.asarray(tokens), jnp.asarray(WORD_STARTS), draws, cfg)
+    source, _ = _apply(jnp.asarray(tokens), jnp.asarray(WORD_STARTS), draws, cfg)
     expected = forced_reference(tokens, cfg, draws)
-    np.testing.assert_array_equal(np.asarray(fast), expected)
+    np.testing.assert_array_equal(np.asarray(source), expected)
     assert (expected[0] == R.MASK).sum() + np.isin(expected[0], tokens[0], invert=True).sum() > many
 
 
@@ -253,10 +245,9 @@ def test_hand_made_cases(case):
             expected = [R.BOS, 10, 11, m, 40, 50, 60, R.EOS]
         elif case == "zero_span_insert":  # draws 0, 2: the zero-length span becomes an insert
             lengths[0] = 0
-            slots = np.zeros(sizes.zero_spans, np.float32)
-            slots[0] = 0.99  # Floyd: slot floor(0.99 x 9) = 8, i.e. position 9 of the grown row
             draws = hand_draws(cfg, length, span_lengths=lengths, word_order=order(7, size=length),
-                               span_random=no_random, zero_span_slots=slots,
+                               # slot 8 comes first: the insert goes to position 9 of the grown row
+                               span_random=no_random, zero_span_order=order(8, size=sizes.masked_length),
                                zero_span_tokens=np.full(sizes.zero_spans, 70, np.int32))
             # the 2-word span [40] [50] -> <mask>; ceil(1 insert x 0.5) = 1 random insert: token 70
             expected = [R.BOS, 10, 11, 20, 30, 12, R.FULL_STOP, m, 60, 70, R.EOS]
@@ -285,7 +276,7 @@ def test_hand_made_cases(case):
                            rotate=np.array([1.0, 0.5], np.float32))
         expected = [R.BOS, 40, 50, 60, 10, 11, 20, 30, 12, R.FULL_STOP, R.EOS]
     expected = np.array(expected + [R.PAD] * (length - len(expected)))
-    source, _ = _exact(jnp.asarray(tokens), jnp.asarray(WORDY), draws, cfg)
+    source, _ = _apply(jnp.asarray(tokens), jnp.asarray(WORDY), draws, cfg)
     np.testing.assert_array_equal(np.asarray(source)[0], expected)
     one_row = jax.tree.map(lambda a: np.asarray(a)[0], draws)
     np.testing.assert_array_equal(R.reference_batch(tokens, WORDY, cfg, lambda b: R.ForcedDraws(one_row))[0],
@@ -371,6 +362,31 @@ def test_sentence_shuffling_permutes_whole_sentences():
         assert is_concatenation(list(source[b, 1:n - 1]), sentences(tokens[b, :n]))
         changed += not np.array_equal(source[b], tokens[b])
     assert changed > B // 4
+
+
+def test_full_stop_split_reproduces_fairseqs_sentences():
+    """fairseq's BART recipe ends sentences only at the bare '.' token (GPT-2 id 13); the 'full_stop'
+    split does that through the training noise, the default also at '!' and '?'."""
+    from bart_jax.data.tokenizer import load_tokenizer
+    from bart_jax.train import config as C
+    from bart_jax.train.loop import noise_batch_fns
+
+    tok = load_tokenizer(os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer_bpe"))
+    full_stop = tok.encode(".", add_special_tokens=False)
+    assert tok.sentence_end_ids("full_stop") == tuple(full_stop) and len(full_stop) == 1
+    assert set(tok.encode("!?", add_special_tokens=False)) <= set(tok.sentence_end_ids())
+    with pytest.raises(ValueError, match="sentence split"):
+        tok.sentence_end_ids("comma")
+    pieces = [tok.encode(t, add_special_tokens=False) for t in ("Aa bb! Cc dd.", " Ee ff.", " Gg hh.")]
+    row = [tok.bos_id, *sum(pieces, []), tok.eos_id]
+    tokens = jnp.asarray(np.tile(np.asarray(row, np.int32), (64, 1)))
+    for split, splits_at_bang in (("full_stop", False), ("punctuation", True)):
+        cfg = C.RunConfig(noise=C.NoiseSection(preset="sentence_shuffling", overrides=(("sentence_split", split),)))
+        train_fn, _ = noise_batch_fns(cfg, tok)
+        source = np.asarray(train_fn({"tokens": tokens}, 0)["input_ids"])
+        whole = [is_concatenation(list(out[1:-1]), [tuple(p) for p in pieces]) for out in source]
+        assert sum(not np.array_equal(out, row) for out in source) > 16
+        assert all(whole) != splits_at_bang
 
 
 def test_rotation_is_a_cyclic_shift_of_the_interior():
@@ -461,12 +477,24 @@ def test_deterministic_for_a_key_and_different_for_another():
 
 
 def test_rows_depend_only_on_key_and_row_id():
-    cfg = CONFIGS["bart_large"]
-    tokens, full, _ = noised("bart_large")
+    """A row's noise is a function of (seed, step, row id, its tokens): not of its place in the batch,
+    the batch size or the other rows."""
+    cfg = CONFIGS["everything"]
+    tokens, full, _ = noised("everything")
     shuffled = np.random.default_rng(0).permutation(B)
     moved, _ = noise_tokens(noise_key(0, 0), jnp.asarray(tokens[shuffled]), jnp.asarray(WORD_STARTS), cfg,
                             row_ids=jnp.asarray(shuffled))
     np.testing.assert_array_equal(np.asarray(moved), full[shuffled])
+    # rows 5 and 17 in a batch of 3 beside a row they never met
+    small = np.stack([tokens[17], rows(seed=9)[0], tokens[5]])
+    alone, _ = noise_tokens(noise_key(0, 0), jnp.asarray(small), jnp.asarray(WORD_STARTS), cfg,
+                            row_ids=jnp.asarray([17, 1000, 5]))
+    np.testing.assert_array_equal(np.asarray(alone)[[0, 2]], full[[17, 5]])
+    # the same tokens under another row id, step or seed are noised differently
+    for key, ids in ((noise_key(0, 0), np.arange(B) + B), (noise_key(0, 1), np.arange(B)),
+                     (noise_key(1, 0), np.arange(B))):
+        other, _ = noise_tokens(key, jnp.asarray(tokens), jnp.asarray(WORD_STARTS), cfg, row_ids=jnp.asarray(ids))
+        assert (np.asarray(other) != full).any(axis=1).mean() > 0.9
     # default row ids are the positions in the batch (checked on a config that compiles quickly)
     tokens, full, _ = noised("document_rotation")
     default, _ = noise_tokens(noise_key(0, 0), jnp.asarray(tokens), jnp.asarray(WORD_STARTS),
@@ -489,10 +517,14 @@ def test_same_result_when_the_batch_is_sharded_over_devices():
 def test_raw_uint32_keys_work_like_typed_keys():
     typed = noise_key(4, 2)
     raw = jax.random.key_data(typed)
-    a = ops.row_seeds(typed, jnp.arange(3))
-    b = ops.row_seeds(raw, jnp.arange(3))
+    a = jax.random.key_data(row_keys(typed, jnp.arange(3)))
+    b = jax.random.key_data(row_keys(raw, jnp.arange(3)))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert len({tuple(r) for r in np.asarray(ops.row_seeds(typed, jnp.arange(1000)))}) == 1000
+    assert len({tuple(r) for r in np.asarray(jax.random.key_data(row_keys(typed, jnp.arange(1000))))}) == 1000
+    tokens, expected, _ = noised("document_rotation")
+    raw = jax.random.key_data(noise_key(0, 0))  # the key `noised` uses
+    source, _ = noise_tokens(raw, jnp.asarray(tokens), jnp.asarray(WORD_STARTS), CONFIGS["document_rotation"])
+    np.testing.assert_array_equal(np.asarray(source), expected)
 
 
 # ---------------------------------------------------------------------------------- batch contract
@@ -512,7 +544,27 @@ def test_denoising_batch_contract():
     np.testing.assert_array_equal(np.asarray(batch["labels"]), tokens)
     decoder_in = np.concatenate([np.full((B, 1), 2), tokens[:, :-1]], axis=1)  # </s> starts the decoder
     np.testing.assert_array_equal(np.asarray(batch["decoder_input_ids"]), decoder_in)
-    np.testing.assert_array_equal(np.asarray(batch["decoder_attention_mask"]), (tokens != R.PAD).astype(np.int32))
+    # the mask marks the decoder inputs that are not pad (the fine-tuning loader's convention)
+    np.testing.assert_array_equal(np.asarray(batch["decoder_attention_mask"]), (decoder_in != R.PAD).astype(np.int32))
+
+
+def test_decoder_inputs_follow_the_fine_tuning_loaders_convention():
+    """Pretraining (noise) and fine-tuning (loader) batches build the decoder half the same way from the
+    same targets."""
+    from bart_jax.data.loader import _BucketWindow
+
+    tokens = rows()
+    window = _BucketWindow(batch_size=B, source_boundaries=(4,), target_boundaries=(L,), pad_id=R.PAD,
+                           bos_id=R.BOS, eos_id=R.EOS, seed=0, shuffle=False, return_example_ids=False)
+    examples = [{"id": i, "source": [R.BOS, R.EOS], "target": [int(t) for t in row if t != R.PAD]}
+                for i, row in enumerate(tokens)]
+    finetune = window._batch(examples)
+    np.testing.assert_array_equal(finetune["labels"], tokens)
+    pretrain = denoising_batch(noise_key(0, 0), jnp.asarray(tokens), jnp.asarray(WORD_STARTS),
+                               CONFIGS["document_rotation"])
+    for key in ("decoder_input_ids", "decoder_attention_mask"):
+        assert finetune[key].dtype == np.int32
+        np.testing.assert_array_equal(np.asarray(pretrain[key]), finetune[key])
 
 
 def test_bad_inputs_raise_value_errors():
@@ -533,48 +585,21 @@ def test_bad_inputs_raise_value_errors():
 # ---------------------------------------------------------------------------------- primitives
 
 
-def test_cumsum_is_exact():
-    x = np.random.default_rng(0).integers(-3, 9, size=(2, 3, 77)).astype(np.int32)
-    np.testing.assert_array_equal(np.asarray(P.cumsum(jnp.asarray(x))), np.cumsum(x, axis=-1))
-
-
-def test_smallest_order_agrees_with_the_full_order_or_says_so():
+def test_random_order_takes_valid_slots_by_priority():
     rng = np.random.default_rng(0)
-    priority = jnp.asarray(rng.integers(0, 2**32, size=(64, 200), dtype=np.uint64).astype(np.uint32))
-    count = jnp.asarray(rng.integers(0, 201, size=64), jnp.int32)
-    k = jnp.minimum(jnp.asarray(rng.integers(0, 40, size=64), jnp.int32), count)
-    valid = P.prefix(count, 200)
-    full = np.asarray(jax.jit(P.random_order, static_argnums=2)(priority, valid, 8))
-    np.testing.assert_array_equal(np.sort(full, axis=1), np.broadcast_to(np.arange(200), (64, 200)))
-    smallest = jax.jit(P.smallest_order, static_argnums=(4, 5))
-    payload = jnp.asarray(rng.integers(0, 1000, size=(64, 200)), jnp.int32)
-    for cap in (200, 48):
-        order, carried, ok = map(np.asarray, smallest(priority, valid, count, k, cap, 8, payload))
-        for b in np.flatnonzero(ok):
-            np.testing.assert_array_equal(order[b, :k[b]], full[b, :k[b]])
-            np.testing.assert_array_equal(carried[b, :k[b]], np.asarray(payload)[b, full[b, :k[b]]])
-        assert ok.all() if cap == 200 else 0 < ok.sum() < 64
+    priority = rng.integers(0, 2**32, size=(64, 200), dtype=np.uint64).astype(np.uint32)
+    priority[:, 50:60] = 7  # ties go to the lower slot
+    valid = rng.random((64, 200)) < 0.6
+    order = np.asarray(jax.jit(P.random_order)(jnp.asarray(priority), jnp.asarray(valid)))
+    for b in range(64):
+        slots = np.flatnonzero(valid[b])
+        expected = np.concatenate([slots[np.argsort(priority[b, slots], kind="stable")], np.flatnonzero(~valid[b])])
+        np.testing.assert_array_equal(order[b], expected)
 
 
-def test_floyd_draws_distinct_slots():
-    rng = np.random.default_rng(0)
-    u = jnp.asarray(rng.random((256, 6), np.float32))
-    population = jnp.asarray(rng.integers(6, 30, size=256), jnp.int32)
-    k = jnp.asarray(rng.integers(0, 7, size=256), jnp.int32)
-    picks = np.asarray(jax.jit(P.floyd)(u, population, k))
-    for b in range(256):
-        chosen = picks[b, :k[b]]
-        assert len(set(chosen)) == k[b] and ((chosen >= 0) & (chosen < population[b])).all()
-        assert (picks[b, k[b]:] == -1).all()
-        np.testing.assert_array_equal(chosen, R.floyd(np.asarray(u[b]), int(population[b]), int(k[b])))
-
-
-def test_random_tokens_skip_excluded_ids():
-    bits = jnp.asarray(np.random.default_rng(0).integers(0, 2**32, size=(1, 20000), dtype=np.uint64)
-                       .astype(np.uint32))
-    tok = np.asarray(P.random_tokens(bits, 12, (0, 1, 2, 4)))
-    assert set(np.unique(tok)) == {3, 5, 6, 7, 8, 9, 10, 11}
-    a = np.array([0, 1, 2**31, 2**32 - 1, 123456789], np.uint64)
-    for b in (1, 7, 50265, 2**31 + 5):
-        np.testing.assert_array_equal(np.asarray(P.mul_high(jnp.asarray(a.astype(np.uint32)), b)),
-                                      (a * b) >> 32)
+def test_scatter_helpers_drop_out_of_range_indices():
+    idx = jnp.asarray([[0, 3, -1, 5, 2]])
+    np.testing.assert_array_equal(np.asarray(P.put(4, idx, jnp.asarray([[1, 2, 3, 4, 5]]), 9)), [[1, 9, 5, 2]])
+    np.testing.assert_array_equal(np.asarray(P.put_add(4, jnp.asarray([[1, 1, -2, 4]]), 1)), [[0, 2, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(P.take(jnp.asarray([[5, 6, 7]]), jnp.asarray([[-1, 1, 9]]))),
+                                  [[5, 6, 7]])

@@ -251,17 +251,18 @@ def test_insertion_positions_are_uniform():
     assert chi2_fit(np.bincount(positions - 1, minlength=n), np.ones(n)) > P_MIN
 
 
-def test_floyd_and_random_order_draw_uniformly():
-    rng = np.random.default_rng(0)
+def test_random_orders_from_jax_random_bits_are_uniform():
+    """The first k slots of a random order (insert positions: randperm(n)[:k]) are a uniform k-subset,
+    and a whole order is a uniform permutation, as fairseq's randperm."""
     batch = 24000
-    u = jnp.asarray(rng.random((batch, 3), np.float32))
-    picks = np.sort(np.asarray(jax.jit(P.floyd)(u, jnp.full(batch, 6), jnp.full(batch, 3))), axis=1)
+    keys = jax.random.split(jax.random.key(0), batch)
+    bits = jax.vmap(lambda k: jax.random.bits(k, (8,), jnp.uint32))(keys)
+    order = jax.jit(P.random_order)
+    picks = np.sort(np.asarray(order(bits, P.prefix(jnp.full(batch, 6), 8)))[:, :3], axis=1)
     subsets = {s: i for i, s in enumerate(itertools.combinations(range(6), 3))}
     counts = np.bincount([subsets[tuple(p)] for p in picks], minlength=20)
     assert chi2_fit(counts, np.ones(20)) > P_MIN
-    bits = jax.jit(P.stream_bits, static_argnums=(1, 2))(
-        jnp.asarray(rng.integers(0, 2**32, size=(batch, 2), dtype=np.uint64).astype(np.uint32)), 3, 8)
-    order = np.asarray(jax.jit(P.random_order, static_argnums=2)(bits, P.prefix(jnp.full(batch, 4), 8), 3))[:, :4]
+    whole = np.asarray(order(bits, P.prefix(jnp.full(batch, 4), 8)))[:, :4]
     perms = {p: i for i, p in enumerate(itertools.permutations(range(4)))}
-    counts = np.bincount([perms[tuple(o)] for o in order], minlength=24)
+    counts = np.bincount([perms[tuple(o)] for o in whole], minlength=24)
     assert chi2_fit(counts, np.ones(24)) > P_MIN

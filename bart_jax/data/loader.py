@@ -298,14 +298,12 @@ class _BucketWindow(grain.experimental.FlatMapTransform):
             input_ids[row, :len(ex["source"])] = ex["source"]
             labels[row, :len(ex["target"])] = ex["target"]
             example_ids[row] = ex["id"]
-        # BART's shift_tokens_right (decoder starts with </s>), in NumPy: the input pipeline never touches
-        # an accelerator.
-        decoder_input_ids = np.concatenate([np.full((n, 1), self.eos_id, np.int32), labels[:, :-1]], axis=1)
+        from bart_jax.model import decoder_inputs  # NumPy in, NumPy out: the pipeline stays off the accelerator
+
         batch = {
             "input_ids": input_ids,
             "attention_mask": (input_ids != self.pad_id).astype(np.int32),
-            "decoder_input_ids": decoder_input_ids,
-            "decoder_attention_mask": (decoder_input_ids != self.pad_id).astype(np.int32),
+            **decoder_inputs(labels, self.pad_id, self.eos_id),  # BART's decoder starts with </s>
             "labels": labels,
         }
         if self.return_example_ids:

@@ -110,12 +110,13 @@ class SentencePieceTokenizer:
             table[i] = i in self._special_ids or self._sp.id_to_piece(i).startswith("\u2581")
         return table
 
-    def sentence_end_ids(self) -> tuple[int, ...]:
-        """Ids of tokens made only of sentence-final punctuation ('.', '!', '?', '...', '▁.'), for the
-        noise's sentence permutation."""
+    def sentence_end_ids(self, split: str = "punctuation") -> tuple[int, ...]:
+        """Ids of the tokens that end a sentence for the noise's sentence permutation. split
+        'punctuation': pieces made only of '.', '!', '?' ('...', '▁.' ...); 'full_stop': only the piece
+        '.' (fairseq's BART recipe, see NoiseConfig.sentence_split)."""
         return tuple(i for i in range(self.vocab_size)
                      if i not in self._special_ids and not self._sp.is_byte(i)
-                     and _is_sentence_end(self._sp.id_to_piece(i).lstrip("\u2581")))
+                     and _is_sentence_end(self._sp.id_to_piece(i), "\u2581", split))
 
     def save(self, directory: str | os.PathLike) -> str:
         """Writes `tokenizer.model` into `directory`; returns its path."""
@@ -126,7 +127,13 @@ class SentencePieceTokenizer:
         return path
 
 
-def _is_sentence_end(text: str) -> bool:
+def _is_sentence_end(token: str, space: str, split: str) -> bool:
+    """Whether `token` (`space` marks a leading space) ends a sentence under NoiseConfig.sentence_split."""
+    if split == "full_stop":
+        return token == "."
+    if split != "punctuation":
+        raise ValueError(f"unknown sentence split {split!r}; expected 'punctuation' or 'full_stop'")
+    text = token.lstrip(space)
     return bool(text) and set(text) <= set(".!?")
 
 
@@ -227,13 +234,14 @@ class Gpt2BpeTokenizer:
         table[list(self._ids.values())] = True
         return table
 
-    def sentence_end_ids(self) -> tuple[int, ...]:
-        """Ids of tokens made only of sentence-final punctuation ('.', '!', '?', 'Ġ.' ...), for the noise's
-        sentence permutation."""
+    def sentence_end_ids(self, split: str = "punctuation") -> tuple[int, ...]:
+        """Ids of the tokens that end a sentence for the noise's sentence permutation. split
+        'punctuation': tokens made only of '.', '!', '?' ('Ġ.', '...' ...); 'full_stop': only the token
+        '.' (GPT-2 id 13, where fairseq's BART recipe splits; see NoiseConfig.sentence_split)."""
         space = _bytes_to_unicode()[ord(" ")]
         specials = set(self._ids.values())
         return tuple(sorted(i for token, i in self._tok.get_vocab(with_added_tokens=True).items()
-                            if i not in specials and _is_sentence_end(token.lstrip(space))))
+                            if i not in specials and _is_sentence_end(token, space, split)))
 
     def save(self, directory: str | os.PathLike) -> str:
         """Writes `vocab.json` and `merges.txt` (byte-identical to the inputs) into `directory`."""

@@ -9,6 +9,7 @@ import numpy as np
 
 MASK_LENGTHS = ("subword", "word", "span-poisson")
 REPLACE_LENGTHS = (-1, 0, 1)
+SENTENCE_SPLITS = ("punctuation", "full_stop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,8 +25,13 @@ class NoiseConfig:
     - replace_length: -1 one <mask> per masked token, 0 delete masked tokens, 1 one <mask> per span.
     - mask_length: 'subword' (every token is a word start), 'word' (word starts from the tokenizer),
       'span-poisson' (span lengths in words ~ Poisson(poisson_lambda), truncated as fairseq does).
-    - sentence_end_ids: token ids that end a sentence ('.', '!', '?' ...); a run of them closes one
-      sentence and the document end closes the last. Empty: the document is one sentence.
+    - sentence_end_ids: token ids that end a sentence; a run of them closes one sentence and the
+      document end closes the last. Empty: the document is one sentence. Training derives them from the
+      tokenizer by `sentence_split` unless they are given.
+    - sentence_split: which tokens the tokenizer reports as sentence ends. 'punctuation' (default): every
+      token made only of '.', '!', '?' (with or without a leading space). 'full_stop': only the bare '.'
+      token, as fairseq's BART recipe does (it splits at GPT-2 id 13, `full_stop_index =
+      vocab.index("13")`, never at '!', '?', ' .' or '...'); use it to reproduce that recipe exactly.
     - pad_id/bos_id/eos_id/mask_id: special ids. Random tokens are drawn uniformly from
       [0, vocab_size) minus these four (None: vocab_size = len(word_starts)).
     - source_length: encoder length S (None: the length L of the token rows). A noised source longer
@@ -42,6 +48,7 @@ class NoiseConfig:
     mask_length: str = "span-poisson"
     poisson_lambda: float = 3.5
     sentence_end_ids: tuple[int, ...] = ()
+    sentence_split: str = "punctuation"
     pad_id: int = 1
     bos_id: int = 0
     eos_id: int = 2
@@ -60,6 +67,8 @@ class NoiseConfig:
                 bad(f, "must be a number in [0, 1]")
         if self.replace_length not in REPLACE_LENGTHS or isinstance(self.replace_length, bool):
             bad("replace_length", f"expected one of {REPLACE_LENGTHS}")
+        if self.sentence_split not in SENTENCE_SPLITS:
+            bad("sentence_split", f"expected one of {SENTENCE_SPLITS}")
         if self.mask_length not in MASK_LENGTHS:
             bad("mask_length", f"expected one of {MASK_LENGTHS}")
         if self.mask_length == "subword" and self.replace_length == -1:

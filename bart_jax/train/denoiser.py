@@ -43,7 +43,8 @@ def make_accuracy_step(model_config: BartConfig, noise_fn: Callable):
 
     def step(params, tokens, index):
         noised = noise_fn({"tokens": tokens}, index)
-        clean = {**noised, "input_ids": noised["labels"], "attention_mask": noised["decoder_attention_mask"]}
+        clean_mask = (noised["labels"] != pad).astype(jnp.int32)
+        clean = {**noised, "input_ids": noised["labels"], "attention_mask": clean_mask}
         from_clean, from_noised = eval_step(params, clean, index), eval_step(params, noised, index)
         labels, source = noised["labels"], noised["input_ids"]
         width = min(labels.shape[1], source.shape[1])

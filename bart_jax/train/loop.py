@@ -316,7 +316,9 @@ def noise_batch_fns(cfg: RunConfig, tok):
     from bart_jax import noise
 
     overrides = dict(cfg.noise.overrides)
-    derived = dict(sentence_end_ids=tuple(tok.sentence_end_ids()), mask_id=tok.mask_id, pad_id=tok.pad_id,
+    # The preset (or an override) says which tokens end sentences: fairseq's recipe splits at '.' only.
+    split = overrides.get("sentence_split", noise.noise_preset(cfg.noise.preset).sentence_split)
+    derived = dict(sentence_end_ids=tuple(tok.sentence_end_ids(split)), mask_id=tok.mask_id, pad_id=tok.pad_id,
                    bos_id=tok.bos_id, eos_id=tok.eos_id)
     noise_cfg = noise.noise_preset(cfg.noise.preset, **{**derived, **overrides})
     word_starts = jnp.asarray(tok.word_start_table())
