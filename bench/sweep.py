@@ -39,6 +39,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "lr_double": ("pretrain.optimizer.learning_rate=2e-2", "finetune.optimizer.learning_rate=2e-3"),
     "dropout_0.1": ("model.dropout=0.1",),
     "longer": ("pretrain.train.steps=800", "finetune.train.steps=600"),
+    # the reference init of the output bias (zeros) instead of the targets' log prior
+    "zero_bias": ("pretrain.logits_bias_init=zeros", "finetune.logits_bias_init=zeros"),
 }
 
 
