@@ -40,7 +40,7 @@ from bart_jax.train.step import (compile_eval_step, compile_train_step, identity
 # checkpoint whose architecture it inherits.
 ARCH_NEUTRAL_FIELDS = frozenset({
     "dropout", "attention_dropout", "activation_dropout", "dtype", "param_dtype", "remat_policy", "scan_layers",
-    "attention_implementation", "forced_bos_token_id", "forced_eos_token_id"})
+    "attention_implementation", "forced_bos_token_id", "forced_eos_token_id", "decode_layout"})
 EVAL_NOISE_SEED_OFFSET = 7919  # eval batches are noised by a fixed stream, distinct from training's
 
 logger = logging.getLogger(__name__)
