@@ -348,10 +348,13 @@ class _Meter:
 
 
 def _peak_flops(model_config: BartConfig, t) -> float:
-    per_device = t.peak_flops_per_device
-    if per_device is None:
-        per_device = flops_lib.measure_matmul_flops(model_config.compute_dtype, size=512, seconds=0.2)
-    return per_device * jax.device_count()
+    if t.peak_flops_per_device is not None:
+        peak = flops_lib.Peak(t.peak_flops_per_device, "train.peak_flops_per_device")
+    else:
+        peak = flops_lib.device_peak(model_config.compute_dtype)
+    logger.info("MFU is against %.4g FLOP/s per device (%s) x %d devices", peak.flops_per_s, peak.source,
+                jax.device_count())
+    return peak.flops_per_s * jax.device_count()
 
 
 def _writer(run_dir: str):
