@@ -40,7 +40,8 @@ def test_datasheet_peaks_by_device_kind(kind, expect):
 def test_listed_gpu_uses_its_datasheet_figure_per_dtype():
     h100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
     peak = flops.device_peak(jnp.bfloat16, h100)
-    assert peak.flops_per_s == pytest.approx(989.4e12) and peak.source == "datasheet NVIDIA H100 80GB HBM3 bfloat16 dense"
+    assert peak.flops_per_s == pytest.approx(989.4e12)
+    assert peak.source == "datasheet NVIDIA H100 80GB HBM3 bfloat16 dense"
     # float32 matmuls run on TF32 tensor cores at JAX's default precision, on CUDA cores at 'highest'.
     assert flops.device_peak(jnp.float32, h100).flops_per_s == pytest.approx(494.7e12)
     with jax.default_matmul_precision("highest"):

@@ -292,7 +292,7 @@ def _vocab_check(model_config: BartConfig, tok) -> None:
 
 # ------------------------------------------------------------------------------------------ data
 def stage_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, split: str, *, shuffle: bool,
-                   num_epochs=None):
+                   num_epochs=None, decoder_start_id: int | None = None):
     from bart_jax.data import finetune_batches, pretrain_batches
 
     t = cfg.stage(stage).train
@@ -304,7 +304,7 @@ def stage_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, sp
     return finetune_batches(dataset[split], tok, max_source_len=t.source_length, max_target_len=t.target_length,
                             batch_size=local_batch, seed=cfg.data.shuffle_seed, shuffle=shuffle,
                             num_epochs=num_epochs, bucket=jax.process_count() == 1,
-                            num_workers=cfg.data.num_workers)
+                            num_workers=cfg.data.num_workers, decoder_start_id=decoder_start_id)
 
 
 def noise_batch_fns(cfg: RunConfig, tok):
@@ -474,7 +474,8 @@ def _run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
     if missing:
         raise UserError(f"the {stage} data {getattr(dataset, 'path', '')} has no split(s) {missing} (has "
                         f"{sorted(dataset)}); set data.train_split / data.eval_split, or eval_every=0")
-    train_it = stage_batches(cfg, stage, tok, dataset, local_batch, cfg.data.train_split, shuffle=True)
+    train_it = stage_batches(cfg, stage, tok, dataset, local_batch, cfg.data.train_split, shuffle=True,
+                             decoder_start_id=model_config.decoder_start_token_id)
     if data_states:
         train_it.set_state(data_states[jax.process_index()])
 
@@ -484,10 +485,12 @@ def _run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
         train_batch_fn = eval_batch_fn = identity_batch
     train_step = compile_train_step(
         make_train_step(model_config, optimizer, schedule, micro_batches=t.micro_batches,
-                        label_smoothing=t.label_smoothing, batch_fn=train_batch_fn, grad_shardings=shardings.params),
+                        label_smoothing=t.label_smoothing, label_smoothing_form=t.label_smoothing_form,
+                        batch_fn=train_batch_fn, grad_shardings=shardings.params),
         shardings, mesh)
     eval_step = compile_eval_step(
-        make_eval_step(model_config, label_smoothing=t.label_smoothing, batch_fn=eval_batch_fn),
+        make_eval_step(model_config, label_smoothing=t.label_smoothing, label_smoothing_form=t.label_smoothing_form,
+                       batch_fn=eval_batch_fn),
         shardings.params, mesh)
     batch_sharding = partitioning.batch_sharding(mesh)
 
@@ -495,7 +498,8 @@ def _run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
         from bart_jax.data import to_global_batch
 
         it = stage_batches(cfg, stage, tok, dataset, local_batch, cfg.data.eval_split, shuffle=False,
-                            num_epochs=None if stage == "pretrain" else 1)
+                            num_epochs=None if stage == "pretrain" else 1,
+                            decoder_start_id=model_config.decoder_start_token_id)
         sums = None
         for i in range(t.eval_batches):
             try:
