@@ -92,9 +92,9 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
 
     batch: whatever `batch_fn` turns into a model batch (int32 [B, ...] arrays: input_ids, attention_mask,
     decoder_input_ids, decoder_attention_mask, labels). The loss is the label-smoothed CE (`loss_sums`, in
-    `label_smoothing_form`) summed over the
-    real target tokens of the whole global batch divided by their count (0 tokens: loss 0, no update), so
-    M micro-batches give exactly the gradient of the full batch. Gradients accumulate in float32.
+    `label_smoothing_form`) summed over the real target tokens of the whole global batch divided by their
+    count (0 tokens: loss 0, no update), so M micro-batches give exactly the gradient of the full batch.
+    Gradients accumulate in float32.
     A step whose loss or gradient norm is not finite leaves params/opt_state unchanged and bumps
     `nonfinite_streak` / `nonfinite_total`; any finite step resets the streak.
     metrics (f32/int32 scalars): loss, nll, accuracy, tokens, grad_norm, learning_rate, skipped,
