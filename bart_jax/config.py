@@ -8,11 +8,16 @@ import math
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu", "swish", "tanh")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # float64 (with jax_enable_x64) exists for verifying exactness against float64 references.
+# Cached-decoding layouts: "cpu" keeps keys/values as [.., heads, head_dim, positions] and computes a step's
+# logits vocabulary-major (both tuned for XLA on CPU); "plain" keeps [.., positions, heads, head_dim] and a
+# plain logits product; "auto" picks "cpu" on the CPU backend and "plain" elsewhere (see `decode_layout_for`).
+DECODE_LAYOUTS = ("auto", "cpu", "plain")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 
 
@@ -57,6 +62,7 @@ class BartConfig:
     remat_policy: str = "none"
     scan_layers: bool = True  # False unrolls the same scanned layer code (same parameter layout)
     attention_implementation: str | None = None  # None | "xla" | "cudnn" for jax.nn.dot_product_attention
+    decode_layout: str = "auto"  # one of DECODE_LAYOUTS (the same model and results in each)
 
     def __post_init__(self):
         def bad(field, why):
@@ -87,6 +93,8 @@ class BartConfig:
                 bad(f, f"expected one of {tuple(DTYPES)}")
         if self.layer_norm_eps <= 0:
             bad("layer_norm_eps", "must be positive")
+        if self.decode_layout not in DECODE_LAYOUTS:
+            bad("decode_layout", f"expected one of {DECODE_LAYOUTS}")
         if self.attention_implementation not in (None, "xla", "cudnn"):
             bad("attention_implementation", "expected None, 'xla' or 'cudnn'")
         for f in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
@@ -107,6 +115,13 @@ class BartConfig:
     @property
     def params_dtype(self):
         return DTYPES[self.param_dtype]
+
+    def decode_layout_for(self, backend: str | None = None) -> str:
+        """The cached-decoding layout in force: "cpu" or "plain" ("auto" resolves by `backend`, by default
+        the backend being traced for, `jax.default_backend()`)."""
+        if self.decode_layout != "auto":
+            return self.decode_layout
+        return "cpu" if (backend or jax.default_backend()) == "cpu" else "plain"
 
     def replace(self, **changes) -> "BartConfig":
         return dataclasses.replace(self, **changes)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
 from bart_jax.config import BartConfig
-from bart_jax.layers.attention import zeros_init
+from bart_jax.layers.attention import CACHE_LAYOUTS, cache_length_axis, cache_shape, zeros_init
 from bart_jax.layers.transformer import Decoder, Encoder, check_length, unstack_layers
 
 
@@ -79,9 +80,9 @@ class Bart(nn.Module):
     def _logits(self, hidden, vocab_major: bool = False):
         """hidden [..., d] -> float32 logits [..., vocab_size] (tied projection + final_logits_bias).
 
-        vocab_major computes the transposed product [vocab, rows] and transposes it back: for the few
-        rows of a decoding step XLA's CPU matmul then streams the [vocab, d] table at close to memory
-        bandwidth (1.6x faster at 4 rows; the barrier stops XLA from folding the transpose back in).
+        vocab_major (the "cpu" decode layout) computes the transposed product [vocab, rows] and transposes
+        it back: for the few rows of a decoding step XLA's CPU matmul then streams the [vocab, d] table at
+        close to memory bandwidth (the barrier stops XLA from folding the transpose back in).
         """
         table = self.shared.embedding if self.config.tie_word_embeddings else self.lm_head
         out_dtype = jnp.promote_types(hidden.dtype, jnp.float32)  # float32, or float64 for verification
@@ -97,11 +98,15 @@ class Bart(nn.Module):
 
     def encode(self, input_ids, attention_mask, deterministic: bool = True):
         """input_ids, attention_mask int [B, S] -> encoder hidden states [B, S, d] (compute dtype)."""
+        chex.assert_rank(input_ids, 2)
+        chex.assert_equal_shape([input_ids, attention_mask])
         return self.encoder(self._embed(input_ids), attention_mask, deterministic)
 
     def decode(self, decoder_input_ids, encoder_hidden, encoder_mask, decoder_attention_mask=None,
                deterministic: bool = True):
         """Teacher-forced decoder: ids [B, T], encoder hidden [B, S, d], mask [B, S] -> f32 logits [B, T, V]."""
+        chex.assert_rank([decoder_input_ids, encoder_hidden, encoder_mask], [2, 3, 2])
+        chex.assert_equal_shape_prefix([encoder_hidden, encoder_mask], 2)
         length = decoder_input_ids.shape[1]
         check_length(self.config, length, "decoder input")
         if decoder_attention_mask is None:
@@ -122,9 +127,10 @@ class Bart(nn.Module):
         """Decoding cache for `num_beams` beams per input and up to `max_length` decoder positions.
 
         Returns {'self_k', 'self_v': zeros [L, B*K, N, H, max_length], 'cross_k', 'cross_v': [L, B, N, H, S]}
-        (the layout decoding attention reads in place, see `explicit_attention`), or with per_layer each leaf
-        as a tuple of L per-layer arrays (the cache of the unrolled `decode_step`). Cross-attention
-        keys/values are computed here once per input, at batch size B.
+        in the "cpu" decode layout, or [L, B*K, max_length, N, H] and [L, B, S, N, H] in the "plain" one
+        (`config.decode_layout_for()`, see `CACHE_LAYOUTS`); with per_layer each leaf is a tuple of L
+        per-layer arrays (the cache of the unrolled `decode_step`). Cross-attention keys/values are
+        computed here once per input, at batch size B.
         """
         cfg = self.config
         check_length(cfg, max_length, "max_length")
@@ -132,8 +138,9 @@ class Bart(nn.Module):
         cross = self.decoder(None, None, encoder_hidden, None, None, mode="cross_kv", deterministic=True)
         batch = encoder_hidden.shape[0]
         heads = cfg.decoder_attention_heads
-        shape = (cfg.decoder_layers, batch * num_beams, heads, cfg.d_model // heads, max_length)
-        zeros = jnp.zeros(shape, cfg.compute_dtype)
+        per_layer_shape = cache_shape(batch * num_beams, max_length, heads, cfg.d_model // heads,
+                                      CACHE_LAYOUTS[cfg.decode_layout_for()])
+        zeros = jnp.zeros((cfg.decoder_layers, *per_layer_shape), cfg.compute_dtype)
         cache = {"self_k": zeros, "self_v": zeros, **cross}
         if per_layer:
             cache = {name: tuple(leaf) for name, leaf in cache.items()}
@@ -149,13 +156,15 @@ class Bart(nn.Module):
         inside a decoding loop, where the scan slices (copies) every layer's weights at every step.
         Returns (f32 logits [B*K, vocab_size] for position index + 1, new cache).
         """
-        max_length = jax.tree.leaves(cache["self_v"])[0].shape[-1]
+        chex.assert_rank(token_ids, 1)
+        layout = self.config.decode_layout_for()
+        max_length = jax.tree.leaves(cache["self_v"])[0].shape[cache_length_axis(CACHE_LAYOUTS[layout])]
         self_mask = (jnp.arange(max_length) <= index)[None, None, None, :]
         hidden, cache = self.decoder(
             self._embed(token_ids[:, None]), jnp.reshape(index, (1,)), None,
             encoder_mask.astype(bool)[:, None, None, :], self_mask,
             mode="step", deterministic=True, cache=cache, index=index, layer_params=layer_params)
-        return self._logits(hidden[:, 0], vocab_major=True), cache
+        return self._logits(hidden[:, 0], vocab_major=layout == "cpu"), cache
 
 
 def decoder_layer_params(config: BartConfig, params) -> tuple:

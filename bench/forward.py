@@ -1,7 +1,8 @@
 """Forward+backward throughput of the BART model (default: bart-base shape on this machine's CPU).
 
-Prints a table and writes JSON. Also measures a plain matmul on the same machine in the same run, so the
-achieved FLOP/s can be quoted as a fraction of what this machine's matmul reaches.
+Prints a table and writes JSON. MFU = model FLOPs (bart_jax.train.flops.train_step_flops) per second over
+the device's peak (bart_jax.train.flops.device_peak: a GPU's datasheet figure, on CPU a matmul measured
+in this run, labelled "measured matmul").
 
     python bench/forward.py [--preset bart-base] [--batch 4] [--src 512] [--tgt 128] [--dtype float32]
 """
@@ -20,17 +21,7 @@ import numpy as np
 
 from bart_jax import Bart, init_params, preset
 from bart_jax.model import param_count
-
-
-def model_flops(cfg, batch, src, tgt) -> float:
-    """Matmul FLOPs of one forward+backward (3x forward), counting attention score/value matmuls."""
-    d = cfg.d_model
-    enc_layer = 2 * src * (4 * d * d + 2 * d * cfg.encoder_ffn_dim) + 2 * 2 * src * src * d
-    dec_layer = (2 * tgt * (4 * d * d + 2 * d * cfg.decoder_ffn_dim) + 2 * 2 * tgt * tgt * d
-                 + 2 * (2 * tgt * d * d + 2 * src * d * d) + 2 * 2 * tgt * src * d)
-    head = 2 * tgt * d * cfg.vocab_size
-    fwd = batch * (cfg.encoder_layers * enc_layer + cfg.decoder_layers * dec_layer + head)
-    return 3.0 * fwd
+from bart_jax.train import flops as flops_lib
 
 
 def timed(fn, *args, repeats):
@@ -42,12 +33,6 @@ def timed(fn, *args, repeats):
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
-
-
-def matmul_flops_per_s(dtype, n=2048, repeats=5) -> float:
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    return 2 * n ** 3 / timed(f, a, a, repeats=repeats)
 
 
 def train_step_time(preset_name: str = "bart-base", batch: int = 4, src: int = 512, tgt: int = 128,
@@ -90,15 +75,15 @@ def main(argv=None):
 
     step = train_step_time(args.preset, args.batch, args.src, args.tgt, args.dtype, args.repeats)
     cfg, compile_s, step_s = step["config"], step["compile_s"], step["step_s"]
-    flops = model_flops(cfg, args.batch, args.src, args.tgt)
-    peak = matmul_flops_per_s(jnp.float32 if args.dtype == "float32" else jnp.bfloat16)
+    flops = flops_lib.train_step_flops(cfg, args.batch, args.src, args.tgt)
+    peak = flops_lib.device_peak(cfg.compute_dtype)
     tokens = step["tokens"]
     row = {
         "preset": args.preset, "params": step["params"], "dtype": args.dtype, "batch": args.batch,
         "src_len": args.src, "tgt_len": args.tgt, "compile_s": round(compile_s, 2),
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
-        "model_gflop_per_s": round(flops / step_s / 1e9, 2), "matmul_gflop_per_s": round(peak / 1e9, 2),
-        "fraction_of_matmul": round(flops / step_s / peak, 3),
+        "model_gflop_per_s": round(flops / step_s / 1e9, 2), "peak_gflop_per_s": round(peak.flops_per_s / 1e9, 2),
+        "peak_source": peak.source, "mfu": round(flops / step_s / peak.flops_per_s, 3),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {jax.devices()[0].platform}",
         "jax": jax.__version__,
     }

@@ -14,6 +14,7 @@ On a GPU it also runs the XSum shape (bart-large, source 1024, beam 6, batch 32,
 and compares with NVIDIA's published 17.7 sequences/s on A100 (DeepLearningExamples BART, FP16/AMP).
 
     python bench/generate.py [--hf-python /path/to/python] [--out bench/out/generate.json] [--quick]
+                             [--preset bart-base] [--source 512] [--decode-layout auto|cpu|plain]
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="batch 1 only (a slow CPU)")
     parser.add_argument("--ngram", type=int, default=0, help="no_repeat_ngram_size for every case (presets use 3)")
+    parser.add_argument("--preset", default="bart-base", help="model shape (bart_jax.config presets)")
+    parser.add_argument("--source", type=int, default=SOURCE_LENGTH, help="source length")
+    parser.add_argument("--decode-layout", default="auto", help="BartConfig.decode_layout: auto, cpu or plain")
     parser.add_argument("--no-scan", action="store_true",
                         help="skip the scan-over-layers decoder column (generate(..., scan_decoder=True))")
     args = parser.parse_args(argv)
@@ -133,10 +137,10 @@ def main(argv=None) -> int:
         hf_python = sys.executable
     backend = jax.default_backend()
     threads = os.cpu_count() or 1
-    config = preset("bart-base", dropout=0.0)
+    config = preset(args.preset, dropout=0.0, decode_layout=args.decode_layout)
     params = init_params(config, jax.random.PRNGKey(0))
     batches = (1,) if args.quick else (1, 8)
-    cases = [dict(num_beams=k, batch=b, source=SOURCE_LENGTH, max_length=NEW_TOKENS + 1, ngram=args.ngram,
+    cases = [dict(num_beams=k, batch=b, source=args.source, max_length=NEW_TOKENS + 1, ngram=args.ngram,
                   repeats=args.repeats) for k in (4, 6) for b in batches]
     rows, hf = [], [] if hf_python and backend == "cpu" else None
     for case in cases:  # interleaved, so a change in background load hits both systems alike
@@ -147,8 +151,9 @@ def main(argv=None) -> int:
             result = run_hf(hf_python, config, [case], threads)
             hf = None if result is None else hf + result
 
-    print(f"\nbart-base shape, random weights, source {SOURCE_LENGTH}, {NEW_TOKENS} new tokens "
-          f"(min_length = max_length), no_repeat_ngram_size {args.ngram}, backend {backend}, {threads} CPU threads")
+    print(f"\n{args.preset} shape, random weights, source {args.source}, {NEW_TOKENS} new tokens "
+          f"(min_length = max_length), no_repeat_ngram_size {args.ngram}, decode layout "
+          f"{config.decode_layout_for()}, backend {backend}, {threads} CPU threads")
     header = f"{'beams':>5} {'batch':>5} | {'compile s':>9} {'seq/s':>8} {'ms/token':>9}"
     header += "" if args.no_scan else f" {'scan ms/tok':>11}"
     header += f" | {'HF seq/s':>8} {'HF ms/tok':>9} {'speed-up':>8}" if hf else ""
@@ -171,7 +176,8 @@ def main(argv=None) -> int:
         print(line)
 
     report = dict(backend=backend, devices=[str(d) for d in jax.devices()], cpu_threads=threads,
-                  model="bart-base shape (random weights)", source_length=SOURCE_LENGTH, new_tokens=NEW_TOKENS,
+                  model=f"{args.preset} shape (random weights)", source_length=args.source, new_tokens=NEW_TOKENS,
+                  decode_layout=config.decode_layout_for(),
                   rows=rows, hf_python=hf_python if hf else None)
     if backend == "gpu":
         large = preset("bart-large", dropout=0.0, dtype="bfloat16", param_dtype="bfloat16")

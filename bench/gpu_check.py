@@ -5,7 +5,7 @@ bench/gpu_check.sh, which installs the working tree first.
 
 1. bf16 train-step MFU (bench/train.py's step: AdamW, dropout 0.1, fp32 master weights) for bart-base and
    bart-large at source 512 + target 128, with the largest batch of a short descending list that fits
-   (out-of-memory caught), against the device's datasheet peak (PEAK_TFLOPS).
+   (out-of-memory caught), against the device's datasheet peak (bart_jax.train.flops.device_peak).
 2. XSum-shape generation (bench/generate.py's runner): bart-large bf16, beam 6, batch 32, source 1024,
    max_length 62 (min_length = max_length), sequences/s against NVIDIA's published 17.7 seq/s on A100.
 3. fp32-vs-bf16 logits of a converted fixture (tests/fixtures/bart_default, a Hugging Face checkpoint),
@@ -32,13 +32,6 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)  # the other bench scripts, reused as modules
 sys.path.insert(0, ROOT)
 
-# Dense peak TFLOP/s per device from NVIDIA's datasheets (SXM parts; fp32 = non-tensor-core FP32,
-# tf32 = tensor-core TF32 dense, which XLA uses for f32 matmuls at default precision).
-PEAK_TFLOPS = {
-    "H200": {"bfloat16": 989.0, "tf32": 494.7, "float32": 66.9},
-    "H100": {"bfloat16": 989.0, "tf32": 494.7, "float32": 66.9},
-    "A100": {"bfloat16": 312.0, "tf32": 156.0, "float32": 19.5},
-}
 NVIDIA_A100_XSUM_SEQ_PER_S = 17.7  # NVIDIA DeepLearningExamples BART, XSum inference, A100 (bench/generate.py)
 
 FULL = {
@@ -54,19 +47,12 @@ SMOKE = {
 }
 
 
-def device_peak(kind: str) -> dict | None:
-    for name, peaks in PEAK_TFLOPS.items():
-        if name in kind.upper():
-            return peaks
-    return None
-
-
 def is_oom(e: BaseException) -> bool:
     text = str(e)
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def stage_train(plan, report, peaks):
+def stage_train(plan, report):
     import jax
 
     import train as bench_train  # bench/train.py
@@ -89,13 +75,10 @@ def stage_train(plan, report, peaks):
                 gc.collect()
                 continue
             r.pop("config", None)
-            row.update(r)
-            if peaks:
-                row["peak_tflops"] = peaks["bfloat16"]
-                row["mfu"] = r["model_flops_per_s"] / (peaks["bfloat16"] * 1e12)
+            row.update(r)  # with mfu against bart_jax.train.flops.device_peak (and its peak_source)
             break
         rows.append(row)
-        mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "n/a (unknown peak)"
+        mfu = f"{100 * row['mfu']:.1f}% vs {row['peak_source']}" if "mfu" in row else "n/a (none fit)"
         print(f"train {name} bf16 {plan['source']}+{plan['target']}: batch {row.get('batch', 'none fit')}, "
               f"{row.get('step_s', float('nan')):.3f} s/step, {row.get('tokens_per_s', 0):.0f} tokens/s, "
               f"{row.get('model_flops_per_s', 0) / 1e12:.1f} TFLOP/s, MFU {mfu}", flush=True)
@@ -202,9 +185,11 @@ def main(argv=None) -> int:
 
     import jax
 
+    from bart_jax.train.flops import datasheet_peaks
+
     start = time.perf_counter()
     device = jax.devices()[0]
-    peaks = device_peak(device.device_kind)
+    peaks = datasheet_peaks(device.device_kind)
     plan = SMOKE if args.smoke else FULL
     report = {"device": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
               "jax": jax.__version__, "smoke": args.smoke, "peak_tflops": peaks, "stages": {}}
@@ -215,7 +200,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     stages = {"fixture": lambda: stage_fixture(report), "cudnn": lambda: stage_cudnn(plan, report),
-              "train": lambda: stage_train(plan, report, peaks), "xsum": lambda: stage_xsum(plan, report)}
+              "train": lambda: stage_train(plan, report), "xsum": lambda: stage_xsum(plan, report)}
     failed = False
     for name in [s for s in args.stages.split(",") if s]:
         elapsed = time.perf_counter() - start

@@ -5,8 +5,9 @@
 
 For each model shape and compute dtype: one jitted train step (AdamW, label smoothing 0.1, dropout 0.1,
 fp32 master weights) on one device, timed over several steps after compilation. MFU = model FLOPs per
-step (bart_jax.train.flops: 6 x matmul FLOPs of the forward pass) / step time / the matmul FLOP/s measured
-here, in the same run, in the same dtype. If /work/refvenv/bin/python (or --torch-python) has torch +
+step (bart_jax.train.flops.train_step_flops: 3 x the forward's matmul FLOPs) / step time / the device's
+peak in that dtype (bart_jax.train.flops.device_peak: a GPU's datasheet figure; on CPU the rate of a
+matmul measured in this run, labelled "measured matmul"). If /work/refvenv/bin/python (or --torch-python) has torch +
 transformers, the same model config and batch are trained in the same run by two peers, each in a
 subprocess of that python: PyTorch (BartForConditionalGeneration + torch.optim.AdamW, bf16 via CPU
 autocast) and HF Flax (FlaxBartForConditionalGeneration, random weights, a jitted value_and_grad +
@@ -191,10 +192,13 @@ def bench_jax(name: str, dtype: str, steps: int, warmup: int, batch: int | None 
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - t0) / steps
     step_flops = flops.train_step_flops(model, batch, src, tgt)
+    peak = flops.device_peak(model.compute_dtype)
     return {"shape": name, "dtype": dtype, "batch": batch, "source_length": src, "target_length": tgt,
             "step_s": step_s, "lower_s": lower_s, "compile_s": compile_s, "first_step_s": first_step_s,
             "tokens_per_s": batch * (src + tgt) / step_s, "model_flops_per_step": step_flops,
-            "model_flops_per_s": step_flops / step_s, "loss": float(metrics["loss"]), "config": hf_config(model)}
+            "model_flops_per_s": step_flops / step_s, "peak_flops": peak.flops_per_s, "peak_source": peak.source,
+            "mfu": step_flops / step_s / peak.flops_per_s, "loss": float(metrics["loss"]),
+            "config": hf_config(model)}
 
 
 def bench_peer(label: str, script: str, python: str, result: dict, steps: int, warmup: int,
@@ -236,9 +240,6 @@ def main(argv=None) -> int:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
 
     import jax
-    import jax.numpy as jnp
-
-    from bart_jax.train.flops import measure_matmul_flops
 
     shapes = [s for s in args.shapes.split(",") if s]
     dtypes = [d for d in args.dtypes.split(",") if d]
@@ -249,15 +250,12 @@ def main(argv=None) -> int:
     if set(peers) - {"torch", "flax"}:
         parser.error(f"--peers: expected torch and/or flax, got {peers}")
     device = jax.devices()[0]
-    peaks = {d: measure_matmul_flops(getattr(jnp, d), size=2048, seconds=1.0) for d in dtypes}
     use_peers = bool(args.torch_python) and os.path.exists(args.torch_python)
     scripts = {"torch": TORCH_SCRIPT, "flax": FLAX_SCRIPT}
     rows = []
     for name in shapes:
         for dtype in dtypes:
             r = bench_jax(name, dtype, args.steps, args.warmup)
-            r["matmul_peak_flops"] = peaks[dtype]
-            r["mfu"] = r["model_flops_per_s"] / peaks[dtype]
             for peer in ("torch", "flax"):
                 ref = (bench_peer(peer, scripts[peer], args.torch_python, r, args.steps, args.warmup, args.threads)
                        if use_peers and peer in peers else None)
@@ -269,7 +267,8 @@ def main(argv=None) -> int:
     header = (f"{'shape':<13} {'dtype':<9} {'B x (S+T)':>12} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} "
               f"{'peak TF/s':>9} {'MFU':>6} {'torch tok/s':>11} {'vs torch':>8} {'flax tok/s':>10} {'vs flax':>7}")
     print(f"device: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores, {args.threads} used; "
-          "tokens = source + target positions; MFU vs matmul peak measured in this run")
+          "tokens = source + target positions; MFU against: "
+          + "; ".join(sorted({f"{r['dtype']} {r['peak_source']}" for r in rows})))
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -277,7 +276,7 @@ def main(argv=None) -> int:
         shape = f"{r['batch']}x({r['source_length']}+{r['target_length']})"
         print(f"{r['shape']:<13} {r['dtype']:<9} {shape:>12} {r['step_s']:>8.3f} "
               f"{r['tokens_per_s']:>10.0f} {r['model_flops_per_s'] / 1e12:>8.3f} "
-              f"{r['matmul_peak_flops'] / 1e12:>9.3f} {100 * r['mfu']:>5.1f}% "
+              f"{r['peak_flops'] / 1e12:>9.3f} {100 * r['mfu']:>5.1f}% "
               f"{_fmt(t and t['tokens_per_s'], '.0f'):>11} {_fmt(r['speedup_vs_torch'], '.2f') + 'x':>8} "
               f"{_fmt(f and f['tokens_per_s'], '.0f'):>10} {_fmt(r['speedup_vs_flax'], '.2f') + 'x':>7}")
     header = (f"{'shape':<13} {'dtype':<9} | {'bart_jax lower':>14} {'compile':>8} {'1st step':>8} | "
@@ -293,7 +292,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"device": str(device.device_kind), "platform": device.platform, "cpu_count": os.cpu_count(),
-                   "threads": args.threads, "matmul_peak_flops": peaks,
+                   "threads": args.threads,
                    "results": [{k: v for k, v in r.items() if k != "config"} for r in rows]}, fh, indent=2)
     print(f"wrote {args.out}")
     return 0

@@ -337,6 +337,19 @@ def test_finetune_two_processes_cover_each_pair_once_and_truncate():
     assert n_batches[0] == n_batches[1]  # equal counts: no process waits in a collective
 
 
+@pytest.mark.parametrize("bucket", [True, False])
+def test_finetune_decoder_starts_with_the_models_decoder_start_id(bucket):
+    """decoder_input_ids are shift_tokens_right(labels) from the model's decoder_start_token_id (mBART-style
+    models start elsewhere than </s>); without one, BART's </s>."""
+    pairs, tok = _pairs(8), WordTokenizer()
+    kw = dict(max_source_len=32, max_target_len=8, batch_size=4, seed=0, num_epochs=1, bucket=bucket,
+              process_index=0, process_count=1)
+    for start, want in ((None, EOS), (7, 7)):
+        for b in _all(loader.finetune_batches(pairs, tok, decoder_start_id=start, **kw)):
+            np.testing.assert_array_equal(b["decoder_input_ids"][:, 0], want)
+            np.testing.assert_array_equal(b["decoder_input_ids"][:, 1:], b["labels"][:, :-1])
+
+
 def test_finetune_bucketing_cuts_padding():
     pairs, tok = _pairs(64, seed=1), WordTokenizer()
     kw = dict(max_source_len=128, max_target_len=32, batch_size=4, seed=0, num_epochs=1, process_index=0,

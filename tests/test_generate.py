@@ -29,18 +29,21 @@ EOS, PAD, BOS = 2, 1, 0
 
 
 # ----------------------------------------------------------------------------- HF parity
+@pytest.mark.parametrize("layout", ["cpu", "plain"])
 @pytest.mark.parametrize("name,scan_decoder",
                          [(name, False) for name in GENERATION_FIXTURES] + [("bart_default", True)])
-def test_hugging_face_parity(name, scan_decoder):
+def test_hugging_face_parity(name, scan_decoder, layout):
     """Token ids identical to HF PyTorch generate for every stored control set; scores within 1e-4.
-    The default unrolled cached decoder on every fixture, the scan-over-layers one on bart_default."""
+    The default unrolled cached decoder on every fixture, the scan-over-layers one on bart_default; both
+    decode layouts (BartConfig.decode_layout) on each."""
     from bart_jax.convert import from_pretrained
 
     path = FIXTURES / name / "generation.json"
     if not path.exists():
         pytest.skip(f"{path} missing: run tests/fixtures/make_fixtures.py")
     fixture = json.loads(path.read_text())
-    config, params = from_pretrained(FIXTURES / name)
+    config, params = from_pretrained(FIXTURES / name, decode_layout=layout)
+    assert config.decode_layout_for() == layout
     common = fixture["common_controls"]
     assert (config.eos_token_id, config.pad_token_id) == (common["eos_token_id"], common["pad_token_id"])
     input_ids, mask = np.array(fixture["input_ids"]), np.array(fixture["attention_mask"])

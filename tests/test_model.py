@@ -97,12 +97,19 @@ def test_remat_changes_nothing_numerically(cfg_params, policy):
     chex.assert_trees_all_close(grads(cfg), grads(cfg.replace(remat_policy=policy)), rtol=1e-4, atol=1e-4)
 
 
+# The cache shapes of each decode layout for 2 inputs, 4 heads of 16, 8 source and 10 decoder positions.
+CACHE_SHAPES = {"cpu": lambda rows, length: (rows, 4, 16, length),  # [B*K, N, H, T]
+                "plain": lambda rows, length: (rows, length, 4, 16)}  # [B*K, T, N, H]
+
+
+@pytest.mark.parametrize("layout", ["cpu", "plain"])
 @pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize("unrolled", [False, True])
-def test_cached_steps_equal_full_forward(cfg_params, num_beams, unrolled):
+def test_cached_steps_equal_full_forward(cfg_params, num_beams, unrolled, layout):
     """Both cached decoders (scan over stacked layers and cache; unrolled over per-layer weight and cache
-    buffers) reproduce the teacher-forced logits position by position."""
+    buffers), in both decode layouts, reproduce the teacher-forced logits position by position."""
     cfg, params = cfg_params
+    cfg = cfg.replace(decode_layout=layout)
     ids, am, _, _ = batch()
     model = Bart(cfg)
     dec = jnp.array([[2, 0, 5, 6, 7, 8, 9], [2, 0, 9, 10, 11, 12, 13]], jnp.int32)
@@ -110,13 +117,14 @@ def test_cached_steps_equal_full_forward(cfg_params, num_beams, unrolled):
     enc = model.apply({"params": params}, ids, am, method="encode")
     cache = model.apply({"params": params}, enc, am, num_beams, 10, unrolled, method="init_cache")
     layers = cfg.decoder_layers
+    self_shape, cross_shape = CACHE_SHAPES[layout](2 * num_beams, 10), CACHE_SHAPES[layout](2, 8)
     if unrolled:
         assert all(len(leaf) == layers for leaf in cache.values())
-        chex.assert_shape([*cache["self_k"], *cache["self_v"]], (2 * num_beams, 4, 16, 10))  # [B*K, N, H, T]
-        chex.assert_shape([*cache["cross_k"], *cache["cross_v"]], (2, 4, 16, 8))  # per input, not per beam
+        chex.assert_shape([*cache["self_k"], *cache["self_v"]], self_shape)
+        chex.assert_shape([*cache["cross_k"], *cache["cross_v"]], cross_shape)  # per input, not per beam
     else:
-        chex.assert_shape([cache["self_k"], cache["self_v"]], (layers, 2 * num_beams, 4, 16, 10))
-        chex.assert_shape([cache["cross_k"], cache["cross_v"]], (layers, 2, 4, 16, 8))
+        chex.assert_shape([cache["self_k"], cache["self_v"]], (layers, *self_shape))
+        chex.assert_shape([cache["cross_k"], cache["cross_v"]], (layers, *cross_shape))
     layer_params = decoder_layer_params(cfg, params) if unrolled else None
     step = jax.jit(lambda t, i, c: model.apply({"params": params}, t, i, c, am, layer_params, method="decode_step"))
     beams = jnp.repeat(dec, num_beams, axis=0)
@@ -124,6 +132,29 @@ def test_cached_steps_equal_full_forward(cfg_params, num_beams, unrolled):
         logits, cache = step(beams[:, t], jnp.int32(t), cache)
         expect = jnp.repeat(full[:, t], num_beams, axis=0)
         chex.assert_trees_all_close(logits, expect, atol=2e-5)
+
+
+def test_decode_layout_resolves_per_backend():
+    """'auto' is the CPU-tuned form on CPU only; an explicit layout holds on every backend."""
+    cfg = tiny()
+    assert cfg.decode_layout == "auto"
+    assert [cfg.decode_layout_for(b) for b in ("cpu", "gpu", "tpu")] == ["cpu", "plain", "plain"]
+    assert cfg.decode_layout_for() == ("cpu" if jax.default_backend() == "cpu" else "plain")
+    for layout in ("cpu", "plain"):
+        assert {cfg.replace(decode_layout=layout).decode_layout_for(b) for b in ("cpu", "gpu")} == {layout}
+
+
+@pytest.mark.parametrize("layout", ["cpu", "plain"])
+def test_decode_layout_switches_the_step_logits_form(cfg_params, layout):
+    """Only the CPU form computes a step's logits vocabulary-major behind an optimization barrier."""
+    cfg, params = cfg_params
+    model = Bart(cfg.replace(decode_layout=layout))
+    ids, am, _, _ = batch()
+    enc = model.apply({"params": params}, ids, am, method="encode")
+    cache = model.apply({"params": params}, enc, am, 1, 4, method="init_cache")
+    hlo = jax.jit(lambda c: model.apply({"params": params}, jnp.array([2, 2]), jnp.int32(0), c, am,
+                                        method="decode_step")).lower(cache).as_text()
+    assert ("optimization_barrier" in hlo) == (layout == "cpu")
 
 
 def test_unrolled_step_rejects_wrong_layer_count(cfg_params):
@@ -215,6 +246,7 @@ def test_over_long_input_is_a_clear_error(cfg_params):
     ("dropout", 1.5, r"\[0, 1\)"),
     ("dtype", "float8", "expected one of"),
     ("pad_token_id", 10_000, "token id"),
+    ("decode_layout", "gpu", "expected one of"),
 ])
 def test_invalid_config_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=f"BartConfig.{field}.*{match}"):

@@ -153,6 +153,38 @@ def test_label_smoothed_loss_matches_numpy_and_ignores_pad():
     assert float(correct) == float(((logits.argmax(-1) == labels) & mask).sum())
 
 
+@pytest.mark.parametrize("form", ["all_classes", "other_classes"])
+def test_label_smoothing_forms_match_explicit_target_distributions(form):
+    """Cross-entropy against the smoothed target distribution written out: PyTorch/Hugging Face put eps/V on
+    every class (the target then has 1 - eps + eps/V), fairseq eps/(V-1) on each other class (target 1 - eps)."""
+    rng = np.random.RandomState(1)
+    vocab, eps = 7, 0.2
+    logits = rng.randn(2, 4, vocab)
+    labels = np.array([[4, 5, 0, 1], [2, 6, 1, 1]], np.int32)  # pad id 1
+    mask = labels != 1
+    onehot = np.eye(vocab)[labels]
+    if form == "all_classes":
+        target = (1 - eps) * onehot + eps / vocab
+    else:
+        target = (1 - eps) * onehot + eps / (vocab - 1) * (1 - onehot)
+    np.testing.assert_allclose(target.sum(-1), 1.0)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -(target * logp).sum(-1)[mask].sum()
+    sm, nll, _, count = loss_sums(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), 1, eps, form)
+    np.testing.assert_allclose(float(sm), want, rtol=1e-5)
+    np.testing.assert_allclose(float(nll), -(onehot * logp).sum(-1)[mask].sum(), rtol=1e-5)
+    assert int(count) == int(mask.sum())
+
+
+def test_label_smoothing_forms_differ_and_unknown_form_is_refused():
+    logits, labels = jnp.asarray(np.random.RandomState(2).randn(1, 3, 5), jnp.float32), jnp.array([[0, 2, 3]])
+    a = loss_sums(logits, labels, 1, 0.1, "all_classes")[0]
+    b = loss_sums(logits, labels, 1, 0.1, "other_classes")[0]
+    assert abs(float(a) - float(b)) > 1e-4
+    with pytest.raises(ValueError, match="label smoothing form 'fairseq'"):
+        loss_sums(logits, labels, 1, 0.1, "fairseq")
+
+
 def test_loss_of_all_padding_batch_is_zero_not_nan():
     sm, nll, _, count = loss_sums(jnp.zeros((2, 3, 5)), jnp.ones((2, 3), jnp.int32), 1, 0.1)
     assert int(count) == 0 and float(sm) == 0.0 and float(nll) == 0.0

@@ -269,6 +269,7 @@ class _BucketWindow(grain.experimental.FlatMapTransform):
     pad_id: int
     bos_id: int
     eos_id: int
+    decoder_start_id: int
     seed: int
     shuffle: bool
     return_example_ids: bool
@@ -303,7 +304,7 @@ class _BucketWindow(grain.experimental.FlatMapTransform):
         batch = {
             "input_ids": input_ids,
             "attention_mask": (input_ids != self.pad_id).astype(np.int32),
-            **decoder_inputs(labels, self.pad_id, self.eos_id),  # BART's decoder starts with </s>
+            **decoder_inputs(labels, self.pad_id, self.decoder_start_id),
             "labels": labels,
         }
         if self.return_example_ids:
@@ -319,12 +320,13 @@ def finetune_batches(source, tokenizer, *, max_source_len: int = 1024, max_targe
                      document_field: str = "document", summary_field: str = "summary",
                      return_example_ids: bool = False, process_index: int | None = None,
                      process_count: int | None = None, read_threads: int = 2,
-                     num_workers: int = 0) -> grain.DatasetIterator:
+                     num_workers: int = 0, decoder_start_id: int | None = None) -> grain.DatasetIterator:
     """Model batches of document -> summary pairs from this process's shard.
 
     source: random-access pairs, e.g. `prepare_pairs(...)['train']` ({'document': bytes, 'summary': bytes}).
     Yields the model batch dict (int32): 'input_ids' [B, S], 'attention_mask' [B, S], 'decoder_input_ids'
-      [B, T] (= shift_tokens_right(labels), starting with </s>), 'decoder_attention_mask' [B, T], 'labels'
+      [B, T] (= shift_tokens_right(labels), starting with `decoder_start_id`: the model's
+      decoder_start_token_id; None: the tokenizer's </s>, BART's), 'decoder_attention_mask' [B, T], 'labels'
       [B, T] (`<s> summary </s>` then pad); plus 'example_id' int32 [B] (source index, -1 for padding rows)
       when `return_example_ids`. Sources/targets are truncated to max_source_len/max_target_len (keeping
       the final </s>).
@@ -352,7 +354,7 @@ def finetune_batches(source, tokenizer, *, max_source_len: int = 1024, max_targe
     it = it.batch(window, batch_fn=list)
     it = grain.experimental.FlatMapIterDataset(it, _BucketWindow(
         batch_size, source_boundaries, target_boundaries, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id,
-        seed, shuffle, return_example_ids))
+        tokenizer.eos_id if decoder_start_id is None else decoder_start_id, seed, shuffle, return_example_ids))
     return iter(it)
 
 

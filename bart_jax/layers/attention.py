@@ -26,13 +26,43 @@ def zeros_init(axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros, axes)
 
 
+# Key/value layout of the decoding cache per `BartConfig.decode_layout_for()`: 'bnhs' ([B, N, H, S]) is what
+# XLA's CPU matmuls read in place (with others it transposed every layer's cache at every step); 'bsnh'
+# ([B, S, N, H]) is the plain layout the projections produce, updated in place with dynamic_update_slice.
+CACHE_LAYOUTS = {"cpu": "bnhs", "plain": "bsnh"}
+
+
+def to_cache_layout(x, layout: str):
+    """Projected keys or values [B, S, N, H] -> the cache layout `layout` ('bnhs' or 'bsnh')."""
+    return x.transpose(0, 2, 3, 1) if layout == "bnhs" else x
+
+
+def cache_shape(batch: int, length: int, heads: int, head_dim: int, layout: str) -> tuple[int, ...]:
+    """Shape of one layer's cache leaf for `length` positions in `layout`: [B, N, H, S] or [B, S, N, H]."""
+    return (batch, heads, head_dim, length) if layout == "bnhs" else (batch, length, heads, head_dim)
+
+
+def cache_length_axis(layout: str) -> int:
+    """The positions axis of a cache leaf in `layout`, counted from the end (leading layer axes vary)."""
+    return -1 if layout == "bnhs" else -3
+
+
+def write_cache(cache, new, index, layout: str, layer=None):
+    """Write one position's keys or values new [B, 1, N, H] at position `index` of `cache` (laid out as
+    `layout`; with `layer`, a stacked cache [L, ...] whose row `layer` is written). Returns the cache."""
+    new = to_cache_layout(new, layout).astype(cache.dtype)
+    start = [0] * new.ndim
+    start[cache_length_axis(layout)] = index
+    if layer is not None:
+        new, start = new[None], [layer, *start]
+    return jax.lax.dynamic_update_slice(cache, new, tuple(start))
+
+
 def explicit_attention(q, k, v, mask, k_layout: str = "bsnh", v_layout: str = "bsnh", dropout_module=None):
     """softmax(q k^T / sqrt(H) masked) v written out, the softmax in float32 (or float64).
 
-    q: [B, T, N, H]; k, v: [B, S, N, H] by default, or laid out as `k_layout`/`v_layout` say (the
-    decoding cache keeps both as 'bnhs', the layout XLA's CPU matmuls read in place: with others it
-    transposed every layer's cache at every step); mask: bool broadcastable to [B, N, T, S]
-    (True = attend). Returns [B, T, N, H].
+    q: [B, T, N, H]; k, v: [B, S, N, H] by default, or laid out as `k_layout`/`v_layout` say (see
+    `CACHE_LAYOUTS`); mask: bool broadcastable to [B, N, T, S] (True = attend). Returns [B, T, N, H].
     """
     scale = q.shape[-1] ** -0.5
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
@@ -122,10 +152,10 @@ class Attention(nn.Module):
         """Attention of projected q [B, T, N, H] over k, v [B, S, N, H], then the output projection -> [B, T, d]."""
         return self.out_proj(dot_product_attention(q, k, v, mask, self.config, deterministic, self.attn_dropout))
 
-    def attend_cached(self, q, k, v, mask):
-        """Decoding attention of q [B, T, N, H] over cached k, v [B, N, H, S], then the output
-        projection -> [B, T, d]."""
-        return self.out_proj(explicit_attention(q, k, v, mask, "bnhs", "bnhs"))
+    def attend_cached(self, q, k, v, mask, layout: str):
+        """Decoding attention of q [B, T, N, H] over cached k, v laid out as `layout` ([B, N, H, S] or
+        [B, S, N, H]), then the output projection -> [B, T, d]."""
+        return self.out_proj(explicit_attention(q, k, v, mask, layout, layout))
 
     def __call__(self, x, kv_input, mask, deterministic: bool):
         """Full attention: queries from x [B, T, d], keys/values from kv_input [B, S, d]; mask bool [B|1, 1, T|1, S]."""

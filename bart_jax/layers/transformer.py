@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from bart_jax.config import BartConfig
-from bart_jax.layers.attention import Attention, dense_kernel_init, zeros_init
+from bart_jax.layers.attention import (CACHE_LAYOUTS, Attention, dense_kernel_init, to_cache_layout, write_cache,
+                                       zeros_init)
 
 
 def activation(name: str):
@@ -87,12 +88,14 @@ class DecoderLayer(nn.Module):
     """Causal self-attention + cross-attention + feed-forward, in one of three modes (same parameters).
 
     - 'full'     (teacher forcing): carry x [B, T, d]; xs None; returns (x, None).
-    - 'cross_kv' (cache set-up): carry unused; returns (carry, {'cross_k', 'cross_v'} each [B, N, H, S]).
+    - 'cross_kv' (cache set-up): carry unused; returns (carry, {'cross_k', 'cross_v'} each [B, N, H, S]
+                 or [B, S, N, H]).
     - 'step'     (one cached token): carry (x [B*K, 1, d], self_k, self_v); xs (layer, cross_k, cross_v);
                  cross keys/values are shared by the K beams of an input. Cache leaves are [.., N, H, T]
-                 (see `explicit_attention`). Under the scan, `layer` is the traced layer index and
-                 self_k/self_v are the whole stacked cache [L, B*K, N, H, T_max] (updated in place at
-                 `index`); unrolled, `layer` is None and they are this layer's own [B*K, N, H, T_max].
+                 or [.., T, N, H] as `config.decode_layout_for()` says (see `CACHE_LAYOUTS`). Under the
+                 scan, `layer` is the traced layer index and self_k/self_v are the whole stacked cache
+                 [L, B*K, ...] (updated in place at `index`); unrolled, `layer` is None and they are this
+                 layer's own [B*K, ...].
     """
 
     config: BartConfig
@@ -104,9 +107,10 @@ class DecoderLayer(nn.Module):
         cfg, det = self.config, self.deterministic
         self_attn = Attention(cfg, cfg.decoder_attention_heads, name="self_attn")
         cross_attn = Attention(cfg, cfg.decoder_attention_heads, name="encoder_attn")
+        layout = CACHE_LAYOUTS[cfg.decode_layout_for()]
         if self.mode == "cross_kv":
             k, v = cross_attn.project_kv(enc)
-            return carry, {"cross_k": k.transpose(0, 2, 3, 1), "cross_v": v.transpose(0, 2, 3, 1)}
+            return carry, {"cross_k": to_cache_layout(k, layout), "cross_v": to_cache_layout(v, layout)}
 
         dropout = nn.Dropout(cfg.dropout)
         if self.mode == "full":
@@ -124,23 +128,17 @@ class DecoderLayer(nn.Module):
             def self_sublayer(h):
                 nonlocal cache_k, cache_v
                 k, v = self_attn.project_kv(h)  # [B*K, 1, N, H]
-                k, v = (a.transpose(0, 2, 3, 1).astype(cache_k.dtype) for a in (k, v))  # [B*K, N, H, 1]
-                if layer is None:
-                    cache_k = jax.lax.dynamic_update_slice(cache_k, k, (0, 0, 0, index))
-                    cache_v = jax.lax.dynamic_update_slice(cache_v, v, (0, 0, 0, index))
-                    layer_k, layer_v = cache_k, cache_v
-                else:
-                    cache_k = jax.lax.dynamic_update_slice(cache_k, k[None], (layer, 0, 0, 0, index))
-                    cache_v = jax.lax.dynamic_update_slice(cache_v, v[None], (layer, 0, 0, 0, index))
-                    layer_k, layer_v = cache_k[layer], cache_v[layer]
-                return self_attn.attend_cached(self_attn.project_q(h), layer_k, layer_v, self_mask)
+                cache_k = write_cache(cache_k, k, index, layout, layer)
+                cache_v = write_cache(cache_v, v, index, layout, layer)
+                layer_k, layer_v = (cache_k, cache_v) if layer is None else (cache_k[layer], cache_v[layer])
+                return self_attn.attend_cached(self_attn.project_q(h), layer_k, layer_v, self_mask, layout)
 
             def cross_sublayer(h):
                 batch = cross_k.shape[0]
                 q = cross_attn.project_q(h)  # [B*K, 1, N, H]
                 # The K beams of one input become K query positions over that input's shared keys.
                 q = q.reshape(batch, -1, *q.shape[2:])
-                out = cross_attn.attend_cached(q, cross_k, cross_v, enc_mask)  # [B, K, d]
+                out = cross_attn.attend_cached(q, cross_k, cross_v, enc_mask, layout)  # [B, K, d]
                 return out.reshape(h.shape)
 
         x = residual(x, self_sublayer, layer_norm(cfg, "self_attn_layer_norm"), dropout, cfg, det)

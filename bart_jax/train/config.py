@@ -138,6 +138,7 @@ class TrainConfig:
     target_length: int = 64  # fine-tuning: summary length (source_length is the document length)
     seed: int = 0
     label_smoothing: float = 0.1
+    label_smoothing_form: str = "all_classes"  # or "other_classes" (fairseq's); see train.step.LABEL_SMOOTHING_FORMS
     log_every: int = 10
     eval_every: int = 50  # 0 disables periodic validation
     eval_batches: int = 4

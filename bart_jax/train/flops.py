@@ -1,13 +1,44 @@
-"""Model FLOPs of a BART train step and the measured matmul peak, for MFU."""
+"""Model FLOPs of a BART train step and the per-device peak FLOP/s they are compared with (MFU).
+
+The one FLOP counter (`train_step_flops`) and the one peak (`device_peak`) of the train loop's meter and
+of every benchmark script.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 
 import jax
 import jax.numpy as jnp
 
 from bart_jax.config import BartConfig
+
+# Dense (no structured sparsity) peak TFLOP/s per GPU, from NVIDIA's datasheets: "NVIDIA H100 Tensor Core
+# GPU" datasheet and the Hopper architecture whitepaper (H100 SXM5 / PCIe / NVL), "NVIDIA H200 Tensor Core
+# GPU" datasheet (H200 SXM / NVL), "NVIDIA A100 Tensor Core GPU" datasheet (SXM4 and PCIe alike). The
+# datasheets quote tensor-core figures with sparsity; these are half of those. 'float32' is the CUDA-core
+# FP32 rate, 'tf32' the tensor-core TF32 rate that XLA uses for float32 matmuls at JAX's default precision.
+# Matched against `device.device_kind` in this order (more specific names first).
+GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIE", {"bfloat16": 756.0, "tf32": 378.0, "float32": 51.2}),
+    ("H100 NVL", {"bfloat16": 835.5, "tf32": 417.5, "float32": 60.0}),
+    ("H200 NVL", {"bfloat16": 835.5, "tf32": 417.5, "float32": 60.0}),
+    ("H100", {"bfloat16": 989.4, "tf32": 494.7, "float32": 66.9}),  # SXM5
+    ("H200", {"bfloat16": 989.4, "tf32": 494.7, "float32": 66.9}),  # SXM
+    ("A100", {"bfloat16": 312.0, "tf32": 156.0, "float32": 19.5}),
+)
+MEASURED = "measured matmul"  # the label of a peak measured on this machine rather than read from a datasheet
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+    """One device's peak FLOP/s for a compute dtype, and where the figure comes from (`source`: a datasheet
+    entry, or MEASURED, a matmul timed here, which is below the hardware's peak and so overstates MFU)."""
+
+    flops_per_s: float
+    source: str
 
 
 def forward_flops(config: BartConfig, batch: int, source_length: int, target_length: int) -> float:
@@ -45,3 +76,35 @@ def measure_matmul_flops(dtype=jnp.float32, size: int = 1024, seconds: float = 0
         dt = time.perf_counter() - t0
         best, spent, reps = min(best, dt), spent + dt, reps + 1
     return 2.0 * size ** 3 / best
+
+
+def datasheet_peaks(device_kind: str) -> dict[str, float] | None:
+    """{'bfloat16', 'tf32', 'float32': dense TFLOP/s} of a GPU named `device_kind`, or None if not listed."""
+    kind = device_kind.upper()
+    return next((peaks for name, peaks in GPU_PEAK_TFLOPS if name in kind), None)
+
+
+def _datasheet_key(dtype) -> str:
+    if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "bfloat16"  # the fp16 and bf16 tensor-core rates are equal on these parts
+    full = jax.config.jax_default_matmul_precision in ("highest", "float32", "F32_F32_F32")
+    return "float32" if full else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_peak(dtype_name: str, device: jax.Device) -> float:
+    return measure_matmul_flops(jnp.dtype(dtype_name), device=device)
+
+
+def device_peak(dtype, device: jax.Device | None = None) -> Peak:
+    """Peak FLOP/s of one device for matmuls in compute `dtype`.
+
+    A listed GPU (GPU_PEAK_TFLOPS) gets its datasheet figure; any other device (a CPU, an unlisted GPU)
+    gets the rate of a matmul measured here once per process, labelled MEASURED.
+    """
+    device = device or jax.local_devices()[0]
+    peaks = datasheet_peaks(device.device_kind) if device.platform == "gpu" else None
+    if peaks is not None:
+        key = _datasheet_key(dtype)
+        return Peak(peaks[key] * 1e12, f"datasheet {device.device_kind} {key} dense")
+    return Peak(_measured_peak(jnp.dtype(dtype).name, device), MEASURED)

@@ -41,7 +41,7 @@ from bart_jax.train.step import (compile_eval_step, compile_train_step, identity
 # checkpoint whose architecture it inherits.
 ARCH_NEUTRAL_FIELDS = frozenset({
     "dropout", "attention_dropout", "activation_dropout", "dtype", "param_dtype", "remat_policy", "scan_layers",
-    "attention_implementation", "forced_bos_token_id", "forced_eos_token_id"})
+    "attention_implementation", "forced_bos_token_id", "forced_eos_token_id", "decode_layout"})
 EVAL_NOISE_SEED_OFFSET = 7919  # eval batches are noised by a fixed stream, distinct from training's
 
 logger = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ def _vocab_check(model_config: BartConfig, tok) -> None:
 
 # ------------------------------------------------------------------------------------------ data
 def stage_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, split: str, *, shuffle: bool,
-                   num_epochs=None, whole_split: bool = False):
+                   num_epochs=None, decoder_start_id: int | None = None, whole_split: bool = False):
     """The stage's batches of `split`: this process's shard, or with `whole_split` the same batches in every
     process (read from the whole split, as a one-process run would)."""
     from bart_jax.data import finetune_batches, pretrain_batches
@@ -308,7 +308,7 @@ def stage_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, sp
     return finetune_batches(dataset[split], tok, max_source_len=t.source_length, max_target_len=t.target_length,
                             batch_size=local_batch, seed=cfg.data.shuffle_seed, shuffle=shuffle,
                             num_epochs=num_epochs, bucket=jax.process_count() == 1 or whole_split,
-                            num_workers=cfg.data.num_workers, **shard)
+                            num_workers=cfg.data.num_workers, decoder_start_id=decoder_start_id, **shard)
 
 
 def noise_batch_fns(cfg: RunConfig, tok):
@@ -354,10 +354,13 @@ class _Meter:
 
 
 def _peak_flops(model_config: BartConfig, t) -> float:
-    per_device = t.peak_flops_per_device
-    if per_device is None:
-        per_device = flops_lib.measure_matmul_flops(model_config.compute_dtype, size=512, seconds=0.2)
-    return per_device * jax.device_count()
+    if t.peak_flops_per_device is not None:
+        peak = flops_lib.Peak(t.peak_flops_per_device, "train.peak_flops_per_device")
+    else:
+        peak = flops_lib.device_peak(model_config.compute_dtype)
+    logger.info("MFU is against %.4g FLOP/s per device (%s) x %d devices", peak.flops_per_s, peak.source,
+                jax.device_count())
+    return peak.flops_per_s * jax.device_count()
 
 
 def _writer(run_dir: str):
@@ -482,7 +485,8 @@ def _run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
     if missing:
         raise UserError(f"the {stage} data {getattr(dataset, 'path', '')} has no split(s) {missing} (has "
                         f"{sorted(dataset)}); set data.train_split / data.eval_split, or eval_every=0")
-    train_it = stage_batches(cfg, stage, tok, dataset, local_batch, cfg.data.train_split, shuffle=True)
+    train_it = stage_batches(cfg, stage, tok, dataset, local_batch, cfg.data.train_split, shuffle=True,
+                             decoder_start_id=model_config.decoder_start_token_id)
     if data_states:
         train_it.set_state(data_states[jax.process_index()])
 
@@ -492,10 +496,12 @@ def _run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
         train_batch_fn = eval_batch_fn = identity_batch
     train_step = compile_train_step(
         make_train_step(model_config, optimizer, schedule, micro_batches=t.micro_batches,
-                        label_smoothing=t.label_smoothing, batch_fn=train_batch_fn, grad_shardings=shardings.params),
+                        label_smoothing=t.label_smoothing, label_smoothing_form=t.label_smoothing_form,
+                        batch_fn=train_batch_fn, grad_shardings=shardings.params),
         shardings, mesh)
     eval_step = compile_eval_step(
-        make_eval_step(model_config, label_smoothing=t.label_smoothing, batch_fn=eval_batch_fn),
+        make_eval_step(model_config, label_smoothing=t.label_smoothing, label_smoothing_form=t.label_smoothing_form,
+                       batch_fn=eval_batch_fn),
         shardings.params, mesh)
     batch_sharding = partitioning.batch_sharding(mesh)
 
@@ -503,7 +509,8 @@ def _run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
         from bart_jax.data import to_global_batch
 
         it = stage_batches(cfg, stage, tok, dataset, local_batch, cfg.data.eval_split, shuffle=False,
-                            num_epochs=None if stage == "pretrain" else 1)
+                            num_epochs=None if stage == "pretrain" else 1,
+                            decoder_start_id=model_config.decoder_start_token_id)
         sums = None
         for i in range(t.eval_batches):
             try:

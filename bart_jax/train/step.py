@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,31 +23,49 @@ BatchFn = Callable[[dict, jax.Array], dict]
 
 MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
 
+# Where label smoothing puts its mass eps. "all_classes" (PyTorch's CrossEntropyLoss, Hugging Face, the
+# default): eps/V on every one of the V classes, the target included, so the target gets 1 - eps + eps/V.
+# "other_classes" (fairseq's label_smoothed_cross_entropy): eps/(V-1) on each non-target class, the target 1 - eps.
+LABEL_SMOOTHING_FORMS = ("all_classes", "other_classes")
+
 
 def identity_batch(batch: dict, index) -> dict:
     del index
     return batch
 
 
-def loss_sums(logits, labels, pad_id: int, label_smoothing: float):
+def loss_sums(logits, labels, pad_id: int, label_smoothing: float, form: str = "all_classes"):
     """Label-smoothed cross-entropy summed over real target tokens.
 
     logits: f32 (or f64) [B, T, V] over the logical vocabulary; labels: int [B, T] (pad_id or a negative id marks
-    positions without loss). The smoothed target puts `label_smoothing` mass uniformly over all V
-    classes: loss_t = (1 - eps) * nll_t + eps * mean_v(-log p_v).
+    positions without loss). `form` (LABEL_SMOOTHING_FORMS) says where the `label_smoothing` mass eps goes:
+    "all_classes": loss_t = (1 - eps) * nll_t + eps/V * sum_v(-log p_v);
+    "other_classes": loss_t = (1 - eps) * nll_t + eps/(V-1) * sum_{v != y_t}(-log p_v).
     Returns f32 (f64 for f64 logits) scalars (smoothed_sum, nll_sum, correct_sum) and int32 token count.
     """
+    check_label_smoothing_form(form)
+    chex.assert_rank([logits, labels], [3, 2])
+    chex.assert_equal_shape_prefix([logits, labels], 2)
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # float64 stays float64
     mask = (labels != pad_id) & (labels >= 0)
     safe = jnp.where(mask, labels, 0)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     nll = lse - target
-    smooth = lse - jnp.mean(logits, axis=-1)
-    per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    smooth = lse - jnp.mean(logits, axis=-1)  # mean_v(-log p_v)
+    if form == "all_classes":
+        per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    else:
+        vocab = logits.shape[-1]
+        per_token = (1.0 - label_smoothing) * nll + label_smoothing / (vocab - 1) * (vocab * smooth - nll)
     correct = (jnp.argmax(logits, axis=-1) == safe) & mask
     return (jnp.sum(jnp.where(mask, per_token, 0.0)), jnp.sum(jnp.where(mask, nll, 0.0)),
             jnp.sum(correct).astype(jnp.float32), jnp.sum(mask).astype(jnp.int32))
+
+
+def check_label_smoothing_form(form: str):
+    if form not in LABEL_SMOOTHING_FORMS:
+        raise ValueError(f"label smoothing form {form!r}: expected one of {LABEL_SMOOTHING_FORMS}")
 
 
 def _forward(model, params, batch, dropout_key, deterministic: bool):
@@ -67,13 +86,15 @@ def _split_micro(batch: dict, micro_batches: int) -> dict:
 
 def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, micro_batches: int = 1, label_smoothing: float = 0.1,
-                    batch_fn: BatchFn = identity_batch, grad_shardings=None):
+                    label_smoothing_form: str = "all_classes", batch_fn: BatchFn = identity_batch,
+                    grad_shardings=None):
     """train_step(state, batch) -> (state, metrics).
 
     batch: whatever `batch_fn` turns into a model batch (int32 [B, ...] arrays: input_ids, attention_mask,
-    decoder_input_ids, decoder_attention_mask, labels). The loss is the label-smoothed CE summed over the
-    real target tokens of the whole global batch divided by their count (0 tokens: loss 0, no update), so
-    M micro-batches give exactly the gradient of the full batch. Gradients accumulate in float32.
+    decoder_input_ids, decoder_attention_mask, labels). The loss is the label-smoothed CE (`loss_sums`, in
+    `label_smoothing_form`) summed over the real target tokens of the whole global batch divided by their
+    count (0 tokens: loss 0, no update), so M micro-batches give exactly the gradient of the full batch.
+    Gradients accumulate in float32.
     A step whose loss or gradient norm is not finite leaves params/opt_state unchanged and bumps
     `nonfinite_streak` / `nonfinite_total`; any finite step resets the streak.
     metrics (f32/int32 scalars): loss, nll, accuracy, tokens, grad_norm, learning_rate, skipped,
@@ -81,6 +102,7 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
     """
     from bart_jax.model import Bart
 
+    check_label_smoothing_form(label_smoothing_form)
     model = Bart(model_config)
     pad_id = model_config.pad_token_id
     deterministic = model_config.dropout == 0 and model_config.attention_dropout == 0 \
@@ -104,7 +126,7 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
         def micro_grads(mb, key):
             def loss_fn(params):
                 logits = _forward(model, params, mb, key, deterministic)
-                sm, nll, correct, _ = loss_sums(logits, mb["labels"], pad_id, label_smoothing)
+                sm, nll, correct, _ = loss_sums(logits, mb["labels"], pad_id, label_smoothing, label_smoothing_form)
                 return sm / denom, (nll, correct)
 
             (loss, (nll, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -159,20 +181,21 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
 
 
 def make_eval_step(model_config: BartConfig, *, label_smoothing: float = 0.1,
-                   batch_fn: BatchFn = identity_batch):
+                   label_smoothing_form: str = "all_classes", batch_fn: BatchFn = identity_batch):
     """eval_step(params, batch, index) -> sums {'loss_sum', 'nll_sum', 'correct', 'tokens'} (deterministic).
 
     Sum over eval batches, then divide by the summed token count (`summarize_eval`).
     """
     from bart_jax.model import Bart
 
+    check_label_smoothing_form(label_smoothing_form)
     model = Bart(model_config)
     pad_id = model_config.pad_token_id
 
     def eval_step(params, batch: dict, index):
         full = batch_fn(batch, index)
         logits = _forward(model, params, full, jax.random.PRNGKey(0), True)
-        sm, nll, correct, count = loss_sums(logits, full["labels"], pad_id, label_smoothing)
+        sm, nll, correct, count = loss_sums(logits, full["labels"], pad_id, label_smoothing, label_smoothing_form)
         return {"loss_sum": sm, "nll_sum": nll, "correct": correct, "tokens": count}
 
     return eval_step
