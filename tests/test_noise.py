@@ -555,7 +555,8 @@ def test_decoder_inputs_follow_the_fine_tuning_loaders_convention():
 
     tokens = rows()
     window = _BucketWindow(batch_size=B, source_boundaries=(4,), target_boundaries=(L,), pad_id=R.PAD,
-                           bos_id=R.BOS, eos_id=R.EOS, seed=0, shuffle=False, return_example_ids=False)
+                           bos_id=R.BOS, eos_id=R.EOS, decoder_start_id=R.EOS, seed=0, shuffle=False,
+                           return_example_ids=False)
     examples = [{"id": i, "source": [R.BOS, R.EOS], "target": [int(t) for t in row if t != R.PAD]}
                 for i, row in enumerate(tokens)]
     finetune = window._batch(examples)
