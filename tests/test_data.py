@@ -149,7 +149,7 @@ def test_prepare_pairs_and_bad_input(tmp_path):
 def test_cli_builds_text_corpus(tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("one\ntwo\n\n", encoding="utf-8")
-    assert datasets.cli_main(["text", "--data-dir", str(tmp_path / "d"), "--train", str(corpus)]) == 0
+    assert bart_jax_main(["data", "text", "--data-dir", str(tmp_path / "d"), "--train", str(corpus)]) == 0
     report = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
     assert report["sizes"] == {"train": 2} and report["stats"]["train"]["empty_documents"] == 1
     bad = tmp_path / "bad.jsonl"
