@@ -360,6 +360,19 @@ def test_finetune_bucketing_cuts_padding():
     assert sum(b["attention_mask"].sum() for b in bucketed) == sum(b["attention_mask"].sum() for b in plain)
 
 
+def test_text_helpers_as_text_and_padded_length():
+    """One bytes-to-str helper for every TFDS value shape, and one bucketing rule for loaders and decoding."""
+    from bart_jax.data.text import as_text, bucket_boundaries, padded_length
+
+    for value in (b"caf\xc3\xa9", np.bytes_(b"caf\xc3\xa9"), np.array(b"caf\xc3\xa9"),
+                  np.array(b"caf\xc3\xa9", dtype=object), "café", np.str_("café")):
+        assert as_text(value) == "café", value
+    assert [padded_length(n, bucket_boundaries(64, 16)) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+    assert bucket_boundaries(8, 16) == (8,)
+    with pytest.raises(ValueError, match="exceeds the largest bucket 64"):
+        padded_length(65, bucket_boundaries(64))
+
+
 def test_finetune_resume_and_determinism():
     pairs, tok = _pairs(37), WordTokenizer()
     kw = dict(max_source_len=64, max_target_len=16, batch_size=4, seed=11, bucket_window=3,
