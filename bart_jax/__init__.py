@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-
 from bart_jax.config import BartConfig, preset
+from bart_jax.lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -22,8 +21,4 @@ _LAZY = {
 
 __all__ = ["BartConfig", "preset", *_LAZY]
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'bart_jax' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

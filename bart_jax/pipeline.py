@@ -6,13 +6,16 @@ baseline (the document's first sentence), so the printout shows whether pretrain
     bart-jax run                          # the bundled `tiny` config on the built-in corpus, ~8 minutes on 2 CPU cores
     bart-jax run --quick                  # a smoke-sized run (< 2 minutes), used by the test suite
     bart-jax run --config base --workdir runs/base mesh.fsdp=8 ...   # same job, bigger config
+
+`run_main_job` reports its progress to a `JobProgress` (by default: log lines); `bart-jax run`
+(bart_jax.cli.run) prints it and the results.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
 import os
 import time
 from typing import Sequence
@@ -31,28 +34,59 @@ QUICK_OVERRIDES = (
 QUICK_TEST_PAIRS = 16
 
 SCRATCH_RUN = "finetune_scratch"
+STAGES = 5
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class JobResult:
-    """What the main job produced: ROUGE per system, losses per stage, and where everything is."""
+    """What the main job produced: ROUGE per system, losses per stage, and where everything is (the fields
+    are also what `<workdir>/results/summary.json` holds)."""
 
     workdir: str
     rouge: dict[str, dict[str, float]]  # system -> {rouge1, rouge2, rougeL, rougeLsum}
     denoiser: dict  # the pretrained model as a denoiser (bart_jax.train.denoiser.DenoiserReport fields)
     losses: dict[str, list[float]]  # stage -> training losses
-    predictions: dict[str, str]  # system -> predictions file
+    predictions: dict[str, str]  # system -> predictions file (bart_jax.decode.files.write_predictions)
     model_dirs: dict[str, str]
     summary_path: str
+    test_pairs: int
+    controls: dict  # the beam search scored (`summary_controls`)
+    seconds: float
+
+
+class JobProgress:
+    """What the main job reports while it runs. This default logs each event; `bart-jax run` prints them."""
+
+    def started(self, config_name: str, workdir: str) -> None:
+        logger.info("main job: config %s, run directory %s", config_name, workdir)
+
+    def stage(self, number: int, title: str) -> None:
+        logger.info("[%d/%d] %s", number, STAGES, title)
+
+    def tokenizer_ready(self, vocab_size: int, directory: str) -> None:
+        logger.info("SentencePiece tokenizer with %d pieces in %s", vocab_size, directory)
+
+    def denoiser_measured(self, report) -> None:
+        """report: a bart_jax.train.denoiser.DenoiserReport of the pretrained model."""
+        logger.info("as a denoiser: clean %.3f, noised %.3f, copy baseline %.3f", report.clean_accuracy,
+                    report.noised_accuracy, report.copy_accuracy)
 
 
 def lead_summary(document: str, max_words: int) -> str:
     """The lead baseline: the document's first sentence, cut to `max_words` words."""
-    from bart_jax.data.loader import split_sentences
+    from bart_jax.data.text import split_sentences
 
     sentences = split_sentences(document)
     words = (sentences[0] if sentences else document).split()
     return " ".join(words[:max_words])
+
+
+def lead_summaries(documents: list[str], references: list[str]) -> list[str]:
+    """The lead baseline with as many words as an average reference has."""
+    mean_words = max(1, round(sum(len(r.split()) for r in references) / len(references)))
+    return [lead_summary(d, mean_words) for d in documents]
 
 
 def evaluate_denoiser(cfg, model_dir: str, num_batches: int):
@@ -70,35 +104,9 @@ def evaluate_denoiser(cfg, model_dir: str, num_batches: int):
     return measure_denoiser(config, params, tok, batches, eval_noise, num_batches)
 
 
-def _print_denoiser(report) -> None:
-    print(f"  as a denoiser on {report.tokens} validation tokens (teacher-forced token accuracy):")
-    print(f"    reconstructing clean text from clean input  {100 * report.clean_accuracy:5.1f}%")
-    print(f"    reconstructing clean text from noised input {100 * report.noised_accuracy:5.1f}%   "
-          f"(copying the noised input: {100 * report.copy_accuracy:.1f}%)")
-    for key in ("clean", "noised", "reconstruction"):
-        print(f"    {key + ':':<16}{_cut(report.example.get(key, ''), 300)}")
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
-
-
-def _print_examples(pairs: list[dict], systems: dict[str, list[str]], count: int) -> None:
-    print(f"\nThe first {min(count, len(pairs))} test examples:")
-    for i, pair in enumerate(pairs[:count]):
-        print(f"  [{i + 1}] document:  {_cut(pair['document'], 240)}")
-        print(f"      reference: {pair['summary']}")
-        for name, predictions in systems.items():
-            print(f"      {name.split(' (')[0] + ':':<23}{predictions[i]}")
-
-
-def _stage_banner(number: int, title: str):
-    print(f"\n[{number}/5] {title}", flush=True)
-
-
 def split_pairs(cfg, split: str, limit: int | None = None) -> list[dict]:
     """{'document', 'summary'} pairs of a split of the run's fine-tuning data."""
-    from bart_jax.decode.cli import read_pairs
+    from bart_jax.decode.files import read_pairs
     from bart_jax.train.loop import prepared_dataset
 
     dataset = prepared_dataset(cfg, "finetune")
@@ -117,30 +125,26 @@ def summary_controls(cfg) -> dict:
 def summarize_documents(model_dir: str, documents: list[str], controls: dict, batch_size: int,
                         bar=None) -> list[str]:
     """The best beam of `controls`' search for each document, with the model and tokenizer in `model_dir`."""
-    from bart_jax.decode.cli import generate_texts, load_model_for_inference
+    from bart_jax.decode.files import load_model_for_inference
+    from bart_jax.decode.generate import generate_texts
 
     config, params, tokenizer = load_model_for_inference(model_dir)
     summaries = []
-    for texts, _ in generate_texts(documents, config, params, tokenizer, controls, batch_size):
+    for texts, _ in generate_texts(documents, config, params, tokenizer, batch_size=batch_size, **controls):
         summaries.append(texts[0])
         if bar is not None:
             bar.update(1)
     return summaries
 
 
-def lead_summaries(documents: list[str], references: list[str]) -> list[str]:
-    """The lead baseline with as many words as an average reference has."""
-    mean_words = max(1, round(sum(len(r.split()) for r in references) / len(references)))
-    return [lead_summary(d, mean_words) for d in documents]
-
-
 def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
                  quick: bool = False, workdir: str | None = None, batch_size: int = 16,
-                 allow_config_change: bool = False) -> JobResult:
-    """Run the whole job and return its results (also printed, and written to `<workdir>/summary.json`).
+                 allow_config_change: bool = False, progress: JobProgress | None = None) -> JobResult:
+    """Run the whole job and return its results (also written to `<workdir>/results/summary.json`).
 
     The whole config is checked before any work, and the run directory is locked for the whole job.
-    allow_config_change: let a rerun resume training stages whose settings changed (see `pretrain`)."""
+    allow_config_change: let a rerun resume training stages whose settings changed (see `pretrain`).
+    progress: told about each stage as it starts (default: `JobProgress`, which logs)."""
     from bart_jax.runlock import run_directory_lock
     from bart_jax.train.config import check_run_config, load_config
 
@@ -150,97 +154,68 @@ def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequen
     cfg = load_config(config_path or DEFAULT_CONFIG, all_overrides)
     check_run_config(cfg)
     with run_directory_lock(cfg.workdir):
-        return _run_main_job(cfg, config_path, quick, batch_size, allow_config_change)
+        return _run_main_job(cfg, str(config_path or DEFAULT_CONFIG), quick, batch_size, allow_config_change,
+                             progress or JobProgress())
 
 
-def _run_main_job(cfg, config_path, quick: bool, batch_size: int, allow_config_change: bool) -> JobResult:
+def _run_main_job(cfg, config_name: str, quick: bool, batch_size: int, allow_config_change: bool,
+                  progress: JobProgress) -> JobResult:
     from tqdm import tqdm
 
-    from bart_jax.decode.rouge import rouge_scores
     from bart_jax.train.config import apply_overrides
     from bart_jax.train.loop import finetune, load_or_train_tokenizer, pretrain
 
     started = time.perf_counter()
-    print(f"bart_jax main job: config {config_path or DEFAULT_CONFIG}, run directory {os.path.abspath(cfg.workdir)}")
-
-    _stage_banner(1, "tokenizer")
+    progress.started(config_name, os.path.abspath(cfg.workdir))
+    progress.stage(1, "tokenizer")
     tok, tokenizer_dir = load_or_train_tokenizer(cfg)
-    print(f"  SentencePiece tokenizer with {tok.vocab_size} pieces in {tokenizer_dir}")
-
-    _stage_banner(2, "denoising pretraining")
+    progress.tokenizer_ready(tok.vocab_size, tokenizer_dir)
+    progress.stage(2, "denoising pretraining")
     pre = pretrain(cfg, allow_config_change=allow_config_change)
     denoiser = evaluate_denoiser(cfg, pre.model_dir, num_batches=2 if quick else 8)
-    _print_denoiser(denoiser)
-    _stage_banner(3, "fine-tuning from the pretrained model")
+    progress.denoiser_measured(denoiser)
+    progress.stage(3, "fine-tuning from the pretrained model")
     fine = finetune(cfg, allow_config_change=allow_config_change)
-    _stage_banner(4, "fine-tuning from random initialisation (same budget, for comparison)")
+    progress.stage(4, "fine-tuning from random initialisation (same budget, for comparison)")
     scratch_cfg = apply_overrides(cfg, ["finetune.init_from=null", f"finetune.run_name={SCRATCH_RUN}"])
     scratch = finetune(scratch_cfg, allow_config_change=allow_config_change)
 
-    _stage_banner(5, "beam search on the test split and ROUGE")
+    progress.stage(5, "beam search on the test split and ROUGE")
     pairs = split_pairs(cfg, "test", QUICK_TEST_PAIRS if quick else None)
     documents = [p["document"] for p in pairs]
-    references = [p["summary"] for p in pairs]
-    target_len = cfg.finetune.train.target_length
     controls = summary_controls(cfg)
     with tqdm(total=2 * len(documents), desc="beam search", unit="doc", dynamic_ncols=True) as bar:
         systems = {
             "pretrained+finetuned": summarize_documents(fine.model_dir, documents, controls, batch_size, bar),
             "random-init finetuned": summarize_documents(scratch.model_dir, documents, controls, batch_size, bar),
-            "lead (first sentence)": lead_summaries(documents, references),
+            "lead (first sentence)": lead_summaries(documents, [p["summary"] for p in pairs]),
         }
     results_dir = os.path.join(cfg.workdir, "results")
-    os.makedirs(results_dir, exist_ok=True)
-    rouge, prediction_files = {}, {}
-    for name, predictions in systems.items():
-        rouge[name] = rouge_scores(predictions, references)
-        path = os.path.join(results_dir, "predictions." + name.split()[0].replace("+", "_") + ".jsonl")
-        with open(path, "w", encoding="utf-8") as f:
-            for pair, prediction in zip(pairs, predictions):
-                f.write(json.dumps({"document": pair["document"], "reference": pair["summary"],
-                                    "prediction": prediction}) + "\n")
-        prediction_files[name] = path
-
+    rouge, prediction_files = _score_systems(pairs, systems, results_dir)
     result = JobResult(
         workdir=os.path.abspath(cfg.workdir), rouge=rouge, denoiser=dataclasses.asdict(denoiser),
         losses={"pretrain": pre.losses, "finetune": fine.losses, SCRATCH_RUN: scratch.losses},
         predictions=prediction_files,
         model_dirs={"pretrain": pre.model_dir, "finetune": fine.model_dir, SCRATCH_RUN: scratch.model_dir},
-        summary_path=os.path.join(results_dir, "summary.json"))
+        summary_path=os.path.join(results_dir, "summary.json"), test_pairs=len(pairs), controls=controls,
+        seconds=round(time.perf_counter() - started, 1))
     with open(result.summary_path, "w") as f:
-        json.dump({**dataclasses.asdict(result), "test_pairs": len(pairs), "controls": controls,
-                   "seconds": round(time.perf_counter() - started, 1)}, f, indent=2)
-
-    print(f"\nROUGE F1 (%) on {len(pairs)} test pairs "
-          f"(beam 4, no_repeat_ngram_size 3, max_length {target_len}):")
-    print(f"  {'system':<24}{'ROUGE-1':>9}{'ROUGE-2':>9}{'ROUGE-L':>9}{'ROUGE-Lsum':>12}")
-    for name, m in rouge.items():
-        print(f"  {name:<24}{m['rouge1']:>9.2f}{m['rouge2']:>9.2f}{m['rougeL']:>9.2f}{m['rougeLsum']:>12.2f}")
-    for stage, losses in result.losses.items():
-        if losses:
-            print(f"  {stage} loss: {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
-    _print_examples(pairs, systems, count=3)
-    print(f"\nEverything is in {result.workdir}: checkpoints and TensorBoard logs under pretrain/, finetune/, "
-          f"{SCRATCH_RUN}/; predictions and summary.json under results/. "
-          f"({time.perf_counter() - started:.0f}s)")
+        json.dump(dataclasses.asdict(result), f, indent=2)
     return result
 
 
-def cli_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="bart-jax run",
-        description="The main job: tokenizer -> pretrain -> fine-tune (and a random-init control) -> beam "
-                    "search -> ROUGE against the lead baseline.")
-    parser.add_argument("--config", default=None,
-                        help=f"run config: a bundled name (tiny, base, large) or a YAML path (default {DEFAULT_CONFIG})")
-    parser.add_argument("--workdir", default=None, help="run directory (default: the config's workdir)")
-    parser.add_argument("--quick", action="store_true", help="a smoke-sized run (under 2 minutes)")
-    parser.add_argument("--batch-size", type=int, default=16, help="documents per beam-search batch")
-    parser.add_argument("--allow-config-change", action="store_true",
-                        help="resume training stages even if their settings changed (logged)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides")
-    args = parser.parse_args(list(argv))
-    # User errors and interruptions reach the `bart-jax` dispatcher (one line, exit code 2 / 130 / 143).
-    run_main_job(args.config, args.overrides, quick=args.quick, workdir=args.workdir, batch_size=args.batch_size,
-                 allow_config_change=args.allow_config_change)
-    return 0
+def _score_systems(pairs: list[dict], systems: dict[str, list[str]],
+                   results_dir: str) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """ROUGE of each system's predictions, and the predictions file written for each under `results_dir`."""
+    from bart_jax.decode.files import write_predictions
+    from bart_jax.decode.rouge import rouge_scores
+
+    os.makedirs(results_dir, exist_ok=True)
+    references = [p["summary"] for p in pairs]
+    rouge, prediction_files = {}, {}
+    for name, predictions in systems.items():
+        rouge[name] = rouge_scores(predictions, references)
+        path = os.path.join(results_dir, "predictions." + name.split()[0].replace("+", "_") + ".jsonl")
+        write_predictions(path, pairs, predictions)
+        prediction_files[name] = path
+    return rouge, prediction_files

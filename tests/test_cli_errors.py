@@ -230,7 +230,7 @@ def test_convert_copies_tokenizer_and_overwrite_replaces_only_a_model_dir(tmp_pa
 
 
 def test_model_dir_write_is_atomic_and_leftovers_do_not_block(tmp_path):
-    from bart_jax.convert import _atomic_write_dir
+    from bart_jax.convert.checkpoints import _atomic_write_dir
 
     target = tmp_path / "model"
     target.mkdir()
@@ -258,7 +258,7 @@ def test_model_dir_write_is_atomic_and_leftovers_do_not_block(tmp_path):
 
 # ------------------------------------------------------------------------------- evaluate writes as it goes
 def test_evaluate_keeps_predictions_made_before_an_interrupt(tmp_path, monkeypatch, capsys):
-    from bart_jax.decode import cli as decode_cli
+    from bart_jax.cli import decode as decode_cli
 
     pairs = tmp_path / "p.jsonl"
     pairs.write_text("".join(json.dumps({"document": f"doc {i}", "summary": "s"}) + "\n" for i in range(4)))

@@ -149,7 +149,7 @@ def test_prepare_pairs_and_bad_input(tmp_path):
 def test_cli_builds_text_corpus(tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("one\ntwo\n\n", encoding="utf-8")
-    assert datasets.cli_main(["text", "--data-dir", str(tmp_path / "d"), "--train", str(corpus)]) == 0
+    assert bart_jax_main(["data", "text", "--data-dir", str(tmp_path / "d"), "--train", str(corpus)]) == 0
     report = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
     assert report["sizes"] == {"train": 2} and report["stats"]["train"]["empty_documents"] == 1
     bad = tmp_path / "bad.jsonl"
@@ -371,6 +371,19 @@ def test_finetune_bucketing_cuts_padding():
 
     assert padding(bucketed) < 0.8 * padding(plain)
     assert sum(b["attention_mask"].sum() for b in bucketed) == sum(b["attention_mask"].sum() for b in plain)
+
+
+def test_text_helpers_as_text_and_padded_length():
+    """One bytes-to-str helper for every TFDS value shape, and one bucketing rule for loaders and decoding."""
+    from bart_jax.data.text import as_text, bucket_boundaries, padded_length
+
+    for value in (b"caf\xc3\xa9", np.bytes_(b"caf\xc3\xa9"), np.array(b"caf\xc3\xa9"),
+                  np.array(b"caf\xc3\xa9", dtype=object), "café", np.str_("café")):
+        assert as_text(value) == "café", value
+    assert [padded_length(n, bucket_boundaries(64, 16)) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+    assert bucket_boundaries(8, 16) == (8,)
+    with pytest.raises(ValueError, match="exceeds the largest bucket 64"):
+        padded_length(65, bucket_boundaries(64))
 
 
 def test_finetune_resume_and_determinism():

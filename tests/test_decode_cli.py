@@ -10,7 +10,8 @@ import pytest
 
 from bart_jax import init_params, preset
 from bart_jax.cli import main as bart_jax_main
-from bart_jax.decode.cli import cli_generate, load_model_for_inference
+from bart_jax.cli.decode import cli_generate
+from bart_jax.decode.files import load_model_for_inference
 from bart_jax.decode.generate import summarize
 from bart_jax.decode.rouge import rouge_scores, sentences_per_line
 

@@ -12,7 +12,6 @@ import pytest
 
 from bart_jax import Bart, preset
 from bart_jax.decode.generate import (
-    bucket_length,
     generate,
     generate_ids,
     load_generation_preset,
@@ -106,7 +105,7 @@ def test_one_registry_of_generation_controls():
     """Every control `generate` accepts is a `bart-jax generate` option and a preset key, from one table."""
     import argparse
 
-    from bart_jax.decode import cli
+    from bart_jax.cli import decode as cli
     from bart_jax.decode.generate import CONTROL_NAMES, GENERATION_CONTROLS
 
     assert CONTROL_NAMES == tuple(GENERATION_CONTROLS)
@@ -289,7 +288,8 @@ def test_padded_batch_equals_one_by_one(model):
 
 def test_bucketing_and_truncation(model):
     config, _, _, _ = model  # max_position_embeddings 64
-    assert [bucket_length(n, 64) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+    widths = [pad_batch([[5] * (n - 1) + [EOS]], config, batch_size=1)[0].shape[1] for n in (1, 16, 17, 33, 64)]
+    assert widths == [16, 16, 32, 64, 64]  # powers of two from 16, capped at max_position_embeddings
     ids, mask, _ = pad_batch([list(range(3, 100)) + [EOS]], config, batch_size=2)
     assert ids.shape == (2, 64) and ids[0, -1] == EOS and mask[0].all()  # truncated, keeps its EOS
     assert list(ids[1, :2]) == [BOS, EOS] and mask[1].sum() == 2  # dummy fill row

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from bart_jax.pipeline import lead_summary, run_main_job
+from bart_jax.cli.run import run_and_print
+from bart_jax.pipeline import lead_summary
 
 
 def test_lead_summary_takes_first_sentence_and_truncates():
@@ -16,7 +17,7 @@ def test_lead_summary_takes_first_sentence_and_truncates():
 
 @pytest.mark.slow
 def test_quick_main_job(tmp_path, capsys):
-    result = run_main_job(quick=True, workdir=str(tmp_path / "run"))
+    result = run_and_print(quick=True, workdir=str(tmp_path / "run"))
     printed = capsys.readouterr().out
     # the pretrained model is measured as a denoiser and the measurement printed, with one reconstruction
     assert set(result.denoiser) >= {"clean_accuracy", "noised_accuracy", "copy_accuracy", "example"}
@@ -46,7 +47,7 @@ def test_quick_main_job(tmp_path, capsys):
     summary = json.load(open(result.summary_path))
     assert summary["test_pairs"] == 16
     # the saved models reload for inference, with their tokenizer
-    from bart_jax.decode.cli import load_model_for_inference
+    from bart_jax.decode.files import load_model_for_inference
     for name, model_dir in result.model_dirs.items():
         config, params, tok = load_model_for_inference(model_dir)
         assert tok.vocab_size <= config.vocab_size, name

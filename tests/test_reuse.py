@@ -130,7 +130,7 @@ def test_resume_config_changes_lists_only_trajectory_settings():
 
 
 def test_allow_config_change_flag_reaches_the_training_functions(monkeypatch):
-    from bart_jax import pipeline
+    from bart_jax.cli import run as run_cli
 
     seen = []
     monkeypatch.setattr(loop, "run_stage", lambda cfg, stage, **kw: seen.append((stage, kw)) or _Done())
@@ -138,8 +138,8 @@ def test_allow_config_change_flag_reaches_the_training_functions(monkeypatch):
     assert loop.cli_finetune(["--config", "tiny"]) == 0
     assert seen == [("pretrain", {"allow_config_change": True}), ("finetune", {"allow_config_change": False})]
     calls = []
-    monkeypatch.setattr(pipeline, "run_main_job", lambda *a, **kw: calls.append(kw))
-    assert pipeline.cli_main(["--allow-config-change", "--quick"]) == 0
+    monkeypatch.setattr(run_cli, "run_and_print", lambda *a, **kw: calls.append(kw))
+    assert run_cli.cli_run(["--allow-config-change", "--quick"]) == 0
     assert calls[0]["allow_config_change"] is True
 
 

@@ -10,8 +10,8 @@ import pickle
 import numpy as np
 import pytest
 
-from bart_jax.data.tokenizer import (Gpt2BpeTokenizer, SentencePieceTokenizer, cli_main, load_tokenizer,
-                                     train_tokenizer)
+from bart_jax.cli.data import cli_tokenizer
+from bart_jax.data.tokenizer import Gpt2BpeTokenizer, SentencePieceTokenizer, load_tokenizer, train_tokenizer
 
 FIXTURE_BPE = os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer_bpe")
 
@@ -189,11 +189,11 @@ def test_cli_train_encode_decode(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(_corpus(200, seed=5)) + "\n", encoding="utf-8")
     out = tmp_path / "tok"
-    assert cli_main(["train", "--input", str(corpus), "--vocab-size", "340", "--out", str(out)]) == 0
+    assert cli_tokenizer(["train", "--input", str(corpus), "--vocab-size", "340", "--out", str(out)]) == 0
     assert (out / "tokenizer.model").exists()
     capsys.readouterr()
-    assert cli_main(["encode", "--tokenizer", str(out), "the value"]) == 0
+    assert cli_tokenizer(["encode", "--tokenizer", str(out), "the value"]) == 0
     ids = [int(i) for i in capsys.readouterr().out.splitlines()[0].split()]
     assert ids[0] == 0 and ids[-1] == 2
-    assert cli_main(["decode", "--tokenizer", str(out), *map(str, ids)]) == 0
+    assert cli_tokenizer(["decode", "--tokenizer", str(out), *map(str, ids)]) == 0
     assert capsys.readouterr().out.strip() == "<s>the value</s>"

@@ -61,3 +61,19 @@ def read_text(name_or_path: str | os.PathLike, kind: str = "run") -> tuple[str, 
         return str(source), source.read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(f"cannot read {source}: {e}") from e
+
+
+def read_mapping(name_or_path: str | os.PathLike, kind: str = "run",
+                 what: str = "a mapping") -> tuple[str, dict]:
+    """(where, the YAML mapping) of a run config or generation preset (see `resolve`); ValueError naming the
+    file when the YAML is invalid or not a mapping (`what` says what was expected)."""
+    import yaml
+
+    where, text = read_text(name_or_path, kind)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: invalid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected {what}, got {type(data).__name__}")
+    return where, data

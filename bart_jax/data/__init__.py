@@ -12,7 +12,7 @@ Names resolve lazily so importing the package does not import tensorflow-dataset
 
 from __future__ import annotations
 
-import importlib
+from bart_jax.lazy import lazy_getattr
 
 _LAZY = {
     "SentencePieceTokenizer": "bart_jax.data.tokenizer",
@@ -27,19 +27,16 @@ _LAZY = {
     "prepare_pairs": "bart_jax.data.datasets",
     "prepare_builtin": "bart_jax.data.datasets",
     "load_prepared": "bart_jax.data.datasets",
-    "iter_text_documents": "bart_jax.data.datasets",
-    "iter_pairs": "bart_jax.data.datasets",
+    "iter_text_documents": "bart_jax.data.readers",
+    "iter_pairs": "bart_jax.data.readers",
     "pretrain_batches": "bart_jax.data.loader",
     "finetune_batches": "bart_jax.data.loader",
     "to_global_batch": "bart_jax.data.loader",
     "pack_document": "bart_jax.data.loader",
-    "bucket_boundaries": "bart_jax.data.loader",
+    "bucket_boundaries": "bart_jax.data.text",
+    "split_sentences": "bart_jax.data.text",
 }
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'bart_jax.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -23,35 +23,25 @@ all-pad fine-tuning targets (no loss).
 from __future__ import annotations
 
 import dataclasses
-import re
 import zlib
 from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
 
-# Text is cut where a sentence ends (., ! or ? then whitespace) or at a line break; blocks are filled with
-# whole sentences so a block boundary falls mid-sentence only for sentences longer than a block.
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
+from bart_jax.data.text import as_text, bucket_boundaries, padded_length, split_sentences
+
 _PLACEHOLDER = -1  # example id of shard/batch padding
 
 
-def split_sentences(text: str) -> list[str]:
-    """Sentences of `text` (whitespace-trimmed, non-empty), split at line breaks and after . ! ?."""
-    return [s for s in (p.strip() for p in _SENTENCE_BREAK.split(text)) if s]
-
-
-def _as_text(value, field: str | None) -> str:
+def _field_text(value, field: str | None) -> str:
+    """The text of a record's `field` (or of the record itself when `field` is None)."""
     if field is not None:
         if not isinstance(value, Mapping) or field not in value:
             raise ValueError(f"example has no field {field!r} (got {type(value).__name__}"
                              f"{' with fields ' + str(sorted(value)) if isinstance(value, Mapping) else ''})")
         value = value[field]
-    if isinstance(value, (bytes, np.bytes_)):
-        return bytes(value).decode("utf-8")
-    if isinstance(value, np.ndarray) and value.dtype.kind in "OS":
-        return _as_text(value.item(), None)
-    return str(value)
+    return as_text(value)
 
 
 def _local_count(num_examples: int, process_count: int) -> int:
@@ -141,7 +131,7 @@ class _DocumentToRows:
         tok = self.tokenizer
         if example_id == _PLACEHOLDER:
             return np.zeros((0, self.seq_len), np.int32)
-        sentences = split_sentences(_as_text(record, self.field))
+        sentences = split_sentences(_field_text(record, self.field))
         # A space before every sentence but the first encodes it as it would be inside the running text
         # (byte-level BPE marks word starts with the space; SentencePiece ignores leading spaces).
         sentences = sentences[:1] + [" " + s for s in sentences[1:]]
@@ -211,15 +201,6 @@ def _to_iter(ds: grain.MapDataset, read_threads: int, num_workers: int) -> grain
 
 # ------------------------------------------------------------------------------------------ fine-tuning
 
-def bucket_boundaries(max_len: int, smallest: int = 32) -> tuple[int, ...]:
-    """Padded lengths for bucketing: powers of two from `smallest` below max_len, then max_len."""
-    bounds, b = [], smallest
-    while b < max_len:
-        bounds.append(b)
-        b *= 2
-    return tuple(bounds) + (max_len,)
-
-
 def _truncate(ids: list[int], max_len: int, eos_id: int) -> list[int]:
     """Keeps the first max_len tokens, ending in </s> as the untruncated sequence does."""
     return ids if len(ids) <= max_len else ids[:max_len - 1] + [eos_id]
@@ -243,15 +224,11 @@ class _EncodePair:
         # Only a prefix can survive truncation. A token covers at most 16 (SentencePiece) or a few dozen
         # (GPT-2: runs of '=' or '-') characters, so cutting the text at 64 characters per kept token saves
         # tokenizing huge documents without changing the kept tokens.
-        document = _as_text(record, self.document_field)[:64 * self.max_source_len + 1024]
-        summary = _as_text(record, self.summary_field)[:64 * self.max_target_len + 1024]
+        document = _field_text(record, self.document_field)[:64 * self.max_source_len + 1024]
+        summary = _field_text(record, self.summary_field)[:64 * self.max_target_len + 1024]
         source, target = tok.encode_batch([document, summary])
         return {"id": example_id, "source": _truncate(source, self.max_source_len, tok.eos_id),
                 "target": _truncate(target, self.max_target_len, tok.eos_id)}
-
-
-def _padded_length(length: int, boundaries: Sequence[int]) -> int:
-    return next(b for b in boundaries if b >= length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,8 +265,8 @@ class _BucketWindow(grain.experimental.FlatMapTransform):
 
     def _batch(self, examples):
         n = self.batch_size
-        src_len = _padded_length(max(len(ex["source"]) for ex in examples), self.source_boundaries)
-        tgt_len = _padded_length(max([len(ex["target"]) for ex in examples] + [1]), self.target_boundaries)
+        src_len = padded_length(max(len(ex["source"]) for ex in examples), self.source_boundaries)
+        tgt_len = padded_length(max([len(ex["target"]) for ex in examples] + [1]), self.target_boundaries)
         input_ids = np.full((n, src_len), self.pad_id, np.int32)
         labels = np.full((n, tgt_len), self.pad_id, np.int32)
         example_ids = np.full((n,), _PLACEHOLDER, np.int32)

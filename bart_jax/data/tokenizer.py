@@ -9,17 +9,14 @@ Both give BART's special ids (`<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3; `<mask>` 
     load_tokenizer(path)                         train_tokenizer(texts_or_files, vocab_size, out_dir)
 
 Both objects pickle (the model bytes travel), so grain worker processes can tokenize.
-CLI: `bart-jax tokenizer train|encode|decode ...`.
+CLI: `bart-jax tokenizer train|encode|decode ...` (bart_jax.cli.data).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
-import time
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -277,7 +274,7 @@ def _training_lines(texts_or_files: Iterable[str] | str) -> Iterable[str]:
     for item in texts_or_files:
         if isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item
                                              and os.path.isfile(item)):
-            from bart_jax.data.datasets import iter_text_documents
+            from bart_jax.data.readers import iter_text_documents
 
             texts = iter_text_documents(os.fspath(item))
         else:
@@ -326,48 +323,3 @@ def train_tokenizer(texts_or_files: Iterable[str] | str, vocab_size: int, out_di
         tokenizer = SentencePieceTokenizer.from_file(os.path.join(tmp, "sp.model"))
     tokenizer.save(out_dir)
     return tokenizer
-
-
-def cli_main(argv: list[str]) -> int:
-    """`bart-jax tokenizer train|encode|decode ...`."""
-    parser = argparse.ArgumentParser(prog="bart-jax tokenizer", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a SentencePiece BPE tokenizer")
-    train.add_argument("--input", nargs="*", default=[],
-                       help="corpus files (.txt/.jsonl/.gz); default: the built-in stdlib-docs corpus")
-    train.add_argument("--vocab-size", type=int, default=8000)
-    train.add_argument("--out", required=True, help="output directory (gets tokenizer.model)")
-    train.add_argument("--max-training-lines", type=int, default=2_000_000)
-    train.add_argument("--seed", type=int, default=0)
-    encode = sub.add_parser("encode", help="print token ids and pieces of a text")
-    encode.add_argument("--tokenizer", required=True)
-    encode.add_argument("text")
-    decode = sub.add_parser("decode", help="print the text of token ids")
-    decode.add_argument("--tokenizer", required=True)
-    decode.add_argument("ids", nargs="+", type=int)
-    args = parser.parse_args(argv)
-
-    if args.command == "train":
-        from bart_jax.errors import check_writable_dir
-
-        check_writable_dir(args.out, "--out")  # before the training, not after it
-        if args.input:
-            texts = args.input
-        else:
-            from bart_jax.data.builtin import builtin_documents
-
-            texts = builtin_documents()["train"]
-        start = time.perf_counter()
-        tok = train_tokenizer(texts, args.vocab_size, args.out, max_training_lines=args.max_training_lines,
-                              seed=args.seed)
-        print(f"trained vocab {tok.vocab_size} (mask id {tok.mask_id}) in {time.perf_counter() - start:.1f}s"
-              f" -> {os.path.join(args.out, SPM_MODEL_FILE)}")
-    elif args.command == "encode":
-        tok = load_tokenizer(args.tokenizer)
-        ids = tok.encode(args.text)
-        print(" ".join(map(str, ids)))
-        print(" ".join(tok.id_to_token(i) for i in ids))
-    else:
-        print(load_tokenizer(args.tokenizer).decode(args.ids, skip_special_tokens=False))
-    sys.stdout.flush()
-    return 0

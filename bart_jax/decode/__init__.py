@@ -5,13 +5,16 @@
     out.sequences  # int32 [batch, num_return_sequences, max_length], decoder start token first, pad after EOS
     out.scores     # float32 [batch, num_return_sequences]
 
-`search` holds the model-independent searches, `generate` the model wiring, bucketing and presets
-(bart_jax/configs/generation/*.yaml), `rouge` the ROUGE metrics, `cli` the `bart-jax generate|evaluate` commands.
+`search` holds the model-independent searches, `generate` the model wiring, batching of texts and presets
+(bart_jax/configs/generation/*.yaml), `rouge` the ROUGE metrics, `files` the model, documents, pairs and
+predictions files that generation and evaluation read and write. The `bart-jax generate|evaluate` commands
+are in bart_jax.cli.decode.
 """
 
 from bart_jax.decode.generate import (
     GenerateOutput,
     generate,
+    generate_texts,
     load_generation_preset,
     pad_batch,
     resolve_controls,
@@ -20,5 +23,5 @@ from bart_jax.decode.generate import (
 from bart_jax.decode.rouge import rouge_scores
 from bart_jax.decode.search import SearchControls, beam_search, greedy_search, search
 
-__all__ = ["GenerateOutput", "SearchControls", "beam_search", "generate", "greedy_search",
+__all__ = ["GenerateOutput", "SearchControls", "beam_search", "generate", "generate_texts", "greedy_search",
            "load_generation_preset", "pad_batch", "resolve_controls", "rouge_scores", "search", "summarize"]

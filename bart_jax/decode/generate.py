@@ -1,4 +1,5 @@
-"""BART generation: `generate` (ids in, ids out, one jitted program) and `summarize` (texts in, texts out).
+"""BART generation: `generate` (ids in, ids out, one jitted program), `generate_texts` (a stream of texts in,
+texts and scores out) and `summarize` (texts in, best texts out).
 
 The compiled program runs the encoder once, builds the decoder cache (cross-attention keys/values once per
 input, shared by its beams), then the whole search in one `lax.while_loop`. It is compiled once per
@@ -9,14 +10,17 @@ are traced values, and `pad_batch` buckets inputs so a stream of documents reuse
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+import itertools
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bart_jax.config import BartConfig
+from bart_jax.data.text import bucket_boundaries, padded_length
 from bart_jax.decode.search import SearchControls, search
+
 
 def cache_beam_axes(per_layer: bool) -> dict:
     """Beam axis of the cache leaves that follow a beam when beams are re-ranked (stacked cache: after the
@@ -27,7 +31,7 @@ def cache_beam_axes(per_layer: bool) -> dict:
 
 # Hugging Face's default when neither max_length nor max_new_tokens is given: 20 new tokens.
 DEFAULT_MAX_NEW_TOKENS = 20
-
+SMALLEST_SOURCE_BUCKET = 16  # `pad_batch` pads source lengths to powers of two from here
 
 
 def _early_stopping(text: str):
@@ -201,29 +205,13 @@ def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=
 def load_generation_preset(name_or_path: str) -> dict[str, Any]:
     """Controls from a bundled preset in bart_jax/configs/generation (e.g. 'cnn_dm', 'xsum', 'default') or a
     YAML path."""
-    import yaml
-
     from bart_jax import configs
 
-    path, text = configs.read_text(name_or_path, configs.GENERATION)
-    try:
-        controls = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML ({e})") from e
-    if not isinstance(controls, dict):
-        raise ValueError(f"{path}: expected a mapping of generation controls, got {type(controls).__name__}")
+    path, controls = configs.read_mapping(name_or_path, configs.GENERATION, "a mapping of generation controls")
     unknown = sorted(set(controls) - set(CONTROL_NAMES))
     if unknown:
         raise ValueError(f"{path}: unknown generation control(s) {unknown}; expected some of {list(CONTROL_NAMES)}")
     return controls
-
-
-def bucket_length(length: int, max_length: int, smallest: int = 16) -> int:
-    """The padded source length for `length` tokens: the next power of two >= smallest, capped at max_length."""
-    bucket = smallest
-    while bucket < length:
-        bucket *= 2
-    return min(bucket, max_length)
 
 
 def pad_batch(id_lists: Sequence[Sequence[int]], config: BartConfig, batch_size: int,
@@ -231,7 +219,8 @@ def pad_batch(id_lists: Sequence[Sequence[int]], config: BartConfig, batch_size:
     """Pack token-id lists into a fixed-shape batch so every batch of a stream reuses a compiled program.
 
     Rows longer than `max_source_length` (default max_position_embeddings) are truncated keeping their last
-    token (EOS); the length is bucketed (`bucket_length`); missing rows are filled with `<s></s>` dummies.
+    token (EOS); the length is padded to the next power of two from 16 (capped at the limit: the input
+    pipeline's `bucket_boundaries`); missing rows are filled with `<s></s>` dummies.
     Returns (input_ids int32 [batch_size, S], attention_mask int32 [batch_size, S], number of real rows).
     """
     limit = min(max_source_length or config.max_position_embeddings, config.max_position_embeddings)
@@ -246,7 +235,7 @@ def pad_batch(id_lists: Sequence[Sequence[int]], config: BartConfig, batch_size:
             raise ValueError(f"row {i} has token id {max(ids) if max(ids) >= config.vocab_size else min(ids)} "
                              f"outside the model's vocabulary [0, {config.vocab_size})")
         rows.append(ids if len(ids) <= limit else ids[:limit - 1] + ids[-1:])
-    length = bucket_length(max(len(r) for r in rows), limit)
+    length = padded_length(max(len(r) for r in rows), bucket_boundaries(limit, SMALLEST_SOURCE_BUCKET))
     input_ids = np.full((batch_size, length), config.pad_token_id, np.int32)
     attention_mask = np.zeros((batch_size, length), np.int32)
     for i in range(batch_size):
@@ -271,20 +260,33 @@ def strip_special(sequence: Sequence[int], config: BartConfig, controls: SearchC
     return out
 
 
+def generate_texts(documents: Iterable[str], config: BartConfig, params, tokenizer, *, batch_size: int = 8,
+                   max_source_length: int | None = None, rng=None,
+                   **controls) -> Iterator[tuple[list[str], list[float]]]:
+    """Stream `(texts, scores)` per document, the R returned sequences best first, with `generate`.
+
+    tokenizer: has `encode_batch(texts) -> list[list[int]]` (ids incl. `<s>`/`</s>`) and
+    `decode_batch(id_lists) -> list[str]`. Documents are read `batch_size` at a time and padded to fixed
+    shapes (`pad_batch`), so a long stream compiles at most once per length bucket. rng: PRNG key for
+    sampling (default PRNGKey(0)), folded with the batch index so batches draw different samples.
+    """
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    resolved = resolve_controls(config, **controls)
+    iterator = iter(documents)
+    for step in itertools.count():
+        batch = list(itertools.islice(iterator, batch_size))
+        if not batch:
+            return
+        input_ids, mask, real = pad_batch(tokenizer.encode_batch(batch), config, batch_size, max_source_length)
+        out = generate(config, params, input_ids, mask, rng=jax.random.fold_in(rng, step), **controls)
+        sequences, scores = np.asarray(out.sequences[:real]), np.asarray(out.scores[:real])
+        for row_sequences, row_scores in zip(sequences, scores):
+            texts = tokenizer.decode_batch([strip_special(s, config, resolved) for s in row_sequences])
+            yield texts, [float(s) for s in row_scores]
+
+
 def summarize(texts: Sequence[str], config: BartConfig, params, tokenizer, *, batch_size: int = 8,
               max_source_length: int | None = None, rng=None, **controls) -> list[str]:
-    """Summaries of `texts` (one per text, the best sequence) with `generate` and a tokenizer object having
-    `encode_batch(texts) -> list[list[int]]` (ids incl. `<s>`/`</s>`) and `decode_batch(id_lists) -> list[str]`.
-
-    Batches are padded to fixed shapes (`pad_batch`), so a long list compiles at most once per length bucket.
-    """
-    summaries: list[str] = []
-    resolved = resolve_controls(config, **controls)
-    for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start:start + batch_size])
-        input_ids, attention_mask, real = pad_batch(tokenizer.encode_batch(chunk), config, batch_size,
-                                                    max_source_length)
-        out = generate(config, params, input_ids, attention_mask, rng=rng, **controls)
-        best = np.asarray(out.sequences[:real, 0])
-        summaries += tokenizer.decode_batch([strip_special(row, config, resolved) for row in best])
-    return summaries
+    """Summaries of `texts`, one per text (the best sequence): `generate_texts` collected."""
+    return [best for (best, *_), _ in generate_texts(texts, config, params, tokenizer, batch_size=batch_size,
+                                                      max_source_length=max_source_length, rng=rng, **controls)]

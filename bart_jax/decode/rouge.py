@@ -15,7 +15,7 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 def sentences_per_line(text: str) -> str:
     """`text` with one sentence per line (split after . ! ? and at line breaks), the layout rougeLsum needs."""
-    from bart_jax.data.loader import split_sentences
+    from bart_jax.data.text import split_sentences
 
     return "\n".join(split_sentences(text))
 

@@ -288,6 +288,20 @@ def _take_beams(x: jax.Array, beam_index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index, axis=1)
 
 
+def _merge_finished(c: dict, top_sequences, fin_candidates, just_finished, early_true, k_beams: int):
+    """The K best finished hypotheses [B, K, L], scores [B, K], is_finished [B, K]: the kept ones merged with
+    this step's EOS / max-length candidates among the top K (`just_finished` [B, C]) of still-open items."""
+    item_full = jnp.all(c["is_finished"], axis=-1, keepdims=True) & early_true
+    fin_candidates = fin_candidates + item_full.astype(jnp.float32) * _NEG
+    fin_candidates = fin_candidates + (~c["can_improve"])[:, None].astype(jnp.float32) * _NEG
+    fin_candidates = fin_candidates + (~just_finished).astype(jnp.float32) * _NEG
+    merged_scores = jnp.concatenate([c["finished_scores"], fin_candidates], axis=1)
+    finished_scores, fin_pick = jax.lax.top_k(merged_scores, k_beams)
+    finished_sequences = _take_beams(jnp.concatenate([c["finished_sequences"], top_sequences], axis=1), fin_pick)
+    is_finished = _take_beams(jnp.concatenate([c["is_finished"], just_finished], axis=1), fin_pick)
+    return finished_sequences, finished_scores, is_finished
+
+
 def beam_search(step_fn: StepFn, state: Any, batch_size: int, controls: SearchControls,
                 beam_axes: Any = 0) -> tuple[jax.Array, jax.Array]:
     """Beam search with Hugging Face PyTorch semantics, inside one `lax.while_loop`.
@@ -347,18 +361,10 @@ def beam_search(step_fn: StepFn, state: Any, batch_size: int, controls: SearchCo
         running_sequences = _take_beams(top_sequences, run_pick)
         source_beam = jnp.take_along_axis(top_beam, run_pick, axis=1)
 
-        # Finished hypotheses: EOS / max-length candidates among the top K, if the item is still open.
         generated = (index + 1).astype(jnp.float32)  # generated length incl. the new token, excl. start
-        fin_candidates = top_scores / generated ** lp
-        item_full = jnp.all(c["is_finished"], axis=-1, keepdims=True) & early_true
-        fin_candidates = fin_candidates + item_full.astype(jnp.float32) * _NEG
-        fin_candidates = fin_candidates + (~c["can_improve"])[:, None].astype(jnp.float32) * _NEG
         just_finished = hits_stop & in_top_k[None, :]
-        fin_candidates = fin_candidates + (~just_finished).astype(jnp.float32) * _NEG
-        merged_scores = jnp.concatenate([c["finished_scores"], fin_candidates], axis=1)
-        finished_scores, fin_pick = jax.lax.top_k(merged_scores, k_beams)
-        finished_sequences = _take_beams(jnp.concatenate([c["finished_sequences"], top_sequences], axis=1), fin_pick)
-        is_finished = _take_beams(jnp.concatenate([c["is_finished"], just_finished], axis=1), fin_pick)
+        finished_sequences, finished_scores, is_finished = _merge_finished(
+            c, top_sequences, top_scores / generated ** lp, just_finished, early_true, k_beams)
 
         rows = (jnp.arange(batch_size)[:, None] * k_beams + source_beam).reshape(-1)
         state = gather_beams(state, rows, beam_axes)

@@ -1,4 +1,6 @@
-"""`bart-jax` command line: one subcommand per stage, each implemented next to the code it drives."""
+"""`bart-jax` command line: the dispatcher, with one module per command group (`data`, `convert`, `decode`,
+`run`; training comes from bart_jax.train.loop). The one place where user errors become one line and exit
+code 2, and where logging is configured; the libraries themselves only raise and log."""
 
 from __future__ import annotations
 
@@ -12,14 +14,15 @@ import threading
 # subcommand -> (module, function, one-line help). Modules are imported lazily so `bart-jax --help`
 # is instant and a subcommand only pays for what it uses.
 COMMANDS = {
-    "convert": ("bart_jax.convert", "cli_main", "convert Hugging Face / fairseq checkpoints to and from bart_jax"),
-    "tokenizer": ("bart_jax.data.tokenizer", "cli_main", "train or inspect a SentencePiece tokenizer"),
-    "data": ("bart_jax.data.datasets", "cli_main", "build TFDS datasets (text corpus, summarization pairs, built-in)"),
+    "convert": ("bart_jax.cli.convert", "cli_convert",
+                "convert Hugging Face / fairseq checkpoints to and from bart_jax"),
+    "tokenizer": ("bart_jax.cli.data", "cli_tokenizer", "train or inspect a SentencePiece tokenizer"),
+    "data": ("bart_jax.cli.data", "cli_data", "build TFDS datasets (text corpus, summarization pairs, built-in)"),
     "pretrain": ("bart_jax.train.loop", "cli_pretrain", "denoising pretraining"),
     "finetune": ("bart_jax.train.loop", "cli_finetune", "fine-tuning on document -> summary pairs"),
-    "generate": ("bart_jax.decode.cli", "cli_generate", "beam search / greedy / sampling from a checkpoint"),
-    "evaluate": ("bart_jax.decode.cli", "cli_evaluate", "ROUGE of a checkpoint on a summarization split"),
-    "run": ("bart_jax.pipeline", "cli_main", "the main job: tokenizer -> pretrain -> fine-tune -> beam search -> ROUGE"),
+    "generate": ("bart_jax.cli.decode", "cli_generate", "beam search / greedy / sampling from a checkpoint"),
+    "evaluate": ("bart_jax.cli.decode", "cli_evaluate", "ROUGE of a checkpoint on a summarization split"),
+    "run": ("bart_jax.cli.run", "cli_run", "the main job: tokenizer -> pretrain -> fine-tune -> beam search -> ROUGE"),
 }
 
 
@@ -97,7 +100,3 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,46 +4,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import sys
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
-import numpy as np
-
+from bart_jax.decode.files import (
+    count_documents,
+    load_model_for_inference,
+    read_documents,
+    read_pairs,
+    write_predictions,
+)
 from bart_jax.decode.generate import (
     CONTROL_NAMES,
     GENERATION_CONTROLS,
-    generate,
+    generate_texts,
     load_generation_preset,
-    pad_batch,
     resolve_controls,
-    strip_special,
 )
-
-
-def load_model_for_inference(path, tokenizer_path=None, **config_overrides):
-    """(config, params, tokenizer) for generation from a checkpoint directory.
-
-    Supported now: whatever `bart_jax.from_pretrained` reads (Hugging Face directory, fairseq model.pt,
-    bart_jax model directory). Training checkpoints (orbax) are to be added here. The tokenizer is loaded
-    from `tokenizer_path` (default: the checkpoint directory) with `load_tokenizer`.
-    """
-    from bart_jax.convert import from_pretrained
-    from bart_jax.data.tokenizer import load_tokenizer
-
-    config, params = from_pretrained(path, **config_overrides)
-    tokenizer_path = tokenizer_path or (path if os.path.isdir(path) else os.path.dirname(path))
-    try:
-        tokenizer = load_tokenizer(tokenizer_path)
-    except FileNotFoundError as e:
-        raise ValueError(f"{e}; pass --tokenizer") from e
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer at {tokenizer_path} has {tokenizer.vocab_size} ids but the model at {path} "
-                         f"only {config.vocab_size}: they do not belong together")
-    return config, params, tokenizer
+from bart_jax.errors import UserError, check_writable_dir
 
 
 # ----------------------------------------------------------------------------- argument parsing
@@ -93,6 +74,7 @@ def _controls_from_args(args, config) -> dict:
 
 
 def _setup(args):
+    """(config, params, tokenizer, controls) from the model and control options, checked before any compute."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size}: must be >= 1")
     if args.max_source_length is not None and args.max_source_length < 1:
@@ -108,54 +90,17 @@ def _setup(args):
     return config, params, tokenizer, _controls_from_args(args, config)
 
 
-def _batched(items: Iterable, size: int) -> Iterator[list]:
-    iterator = iter(items)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
-
-
-def generate_texts(documents: Iterable[str], config, params, tokenizer, controls: dict, batch_size: int,
-                   max_source_length: int | None = None, seed: int = 0) -> Iterator[tuple[list[str], list[float]]]:
-    """Stream (summaries, scores) per document: fixed-shape padded batches, so compiled programs are reused."""
+def _texts(documents, config, params, tokenizer, controls: dict, args):
+    """`generate_texts` with the batch, source-length and seed options."""
     import jax
 
-    rng = jax.random.PRNGKey(seed)
-    resolved = resolve_controls(config, **controls)
-    for step, batch in enumerate(_batched(documents, batch_size)):
-        input_ids, mask, real = pad_batch(tokenizer.encode_batch(batch), config, batch_size, max_source_length)
-        out = generate(config, params, input_ids, mask, rng=jax.random.fold_in(rng, step), **controls)
-        sequences, scores = np.asarray(out.sequences[:real]), np.asarray(out.scores[:real])
-        for row_sequences, row_scores in zip(sequences, scores):
-            texts = tokenizer.decode_batch([strip_special(s, config, resolved) for s in row_sequences])
-            yield texts, [float(s) for s in row_scores]
+    return generate_texts(documents, config, params, tokenizer, batch_size=args.batch_size,
+                          max_source_length=args.max_source_length, rng=jax.random.PRNGKey(args.seed), **controls)
 
 
 # ----------------------------------------------------------------------------- generate
-def _read_documents(path: str, field: str) -> Iterator[str]:
-    """Documents of a file (or '-' for stdin): one per line, or the `field` of each JSON line for .jsonl."""
-    jsonl = path.endswith(".jsonl")
-    with contextlib.ExitStack() as stack:
-        stream = sys.stdin if path == "-" else stack.enter_context(open(path, encoding="utf-8"))
-        for lineno, line in enumerate(stream, 1):
-            line = line.rstrip("\n")
-            if not jsonl:
-                yield line
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
-            if not isinstance(record, dict) or field not in record:
-                raise ValueError(f"{path}:{lineno}: no field {field!r} (use --text-field)")
-            yield str(record[field])
-
-
 def _check_output_file(path: str) -> None:
     """Fail before any work when `path` ('-' = stdout) cannot be written."""
-    from bart_jax.errors import UserError, check_writable_dir
-
     if path == "-":
         return
     if os.path.isdir(path):
@@ -163,13 +108,6 @@ def _check_output_file(path: str) -> None:
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UserError(f"--output {path}: not writable")
     check_writable_dir(os.path.dirname(os.path.abspath(path)), "--output")
-
-
-def _count_documents(path: str) -> int | None:
-    if path == "-":
-        return None
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if not path.endswith(".jsonl") or line.strip())
 
 
 def cli_generate(argv: Sequence[str]) -> int:
@@ -189,14 +127,12 @@ def cli_generate(argv: Sequence[str]) -> int:
         raise ValueError(f"--input {args.input}: no such file")
     _check_output_file(args.output)
     config, params, tokenizer, controls = _setup(args)
-    total = _count_documents(args.input)
+    total = count_documents(args.input)
     jsonl = args.output.endswith(".jsonl")
     start, count = time.perf_counter(), 0
     with contextlib.ExitStack() as stack:
         out = sys.stdout if args.output == "-" else stack.enter_context(open(args.output, "w", encoding="utf-8"))
-        documents = _read_documents(args.input, args.text_field)
-        results = generate_texts(documents, config, params, tokenizer, controls, args.batch_size,
-                                 args.max_source_length, args.seed)
+        results = _texts(read_documents(args.input, args.text_field), config, params, tokenizer, controls, args)
         for texts, scores in tqdm(results, total=total, unit="doc", file=sys.stderr, desc="generate"):
             if jsonl:
                 out.write(json.dumps({"index": count, "summaries": texts, "scores": scores}) + "\n")
@@ -210,27 +146,6 @@ def cli_generate(argv: Sequence[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- evaluate
-def read_pairs(data: str, split: str, limit: int | None = None) -> list[dict]:
-    """{'document', 'summary'} pairs: `data` is a prepared summarization_pairs dataset directory (read
-    split `split`) or a pairs file (.jsonl/.json/.tsv, optionally .gz)."""
-    from bart_jax.data.datasets import iter_pairs, load_prepared
-
-    if os.path.isdir(data):
-        prepared = load_prepared(data)
-        if split not in prepared:
-            raise ValueError(f"--data {data}: no split {split!r} (has {sorted(prepared)}); choose one with --split")
-        source = prepared[split]
-        n = len(source) if limit is None else min(limit, len(source))
-
-        def text(value):
-            return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-        return [{"document": text(source[i]["document"]), "summary": text(source[i]["summary"])} for i in range(n)]
-    if not os.path.isfile(data):
-        raise ValueError(f"--data {data}: no such dataset directory or pairs file")
-    return list(itertools.islice(iter_pairs(data), limit))
-
-
 def cli_evaluate(argv: Sequence[str]) -> int:
     """`bart-jax evaluate --checkpoint DIR --data DATASET_DIR|FILE [--split validation] [--output-dir DIR]`."""
     from tqdm import tqdm
@@ -247,8 +162,6 @@ def cli_evaluate(argv: Sequence[str]) -> int:
     parser.add_argument("--output-dir", default=".", help="where predictions and metrics are written")
     args = parser.parse_args(list(argv))
     # User errors propagate to the `bart-jax` dispatcher (one line, exit code 2).
-    from bart_jax.errors import UserError, check_writable_dir
-
     if os.path.lexists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f"--output-dir {args.output_dir}: exists and is not a directory")
     check_writable_dir(args.output_dir, "--output-dir")
@@ -257,19 +170,10 @@ def cli_evaluate(argv: Sequence[str]) -> int:
     if not pairs:
         raise ValueError(f"--data {args.data} split {args.split!r} has no pairs")
     os.makedirs(args.output_dir, exist_ok=True)
-    predictions_path = os.path.join(args.output_dir, f"predictions.{args.split}.jsonl")
     start = time.perf_counter()
-    results = generate_texts((p["document"] for p in pairs), config, params, tokenizer, controls,
-                             args.batch_size, args.max_source_length, args.seed)
-    predictions = []
-    # Written as they come, so an interrupted evaluation keeps what it generated.
-    with open(predictions_path, "w", encoding="utf-8") as f:
-        for pair, (texts, _) in zip(pairs, tqdm(results, total=len(pairs), unit="doc", file=sys.stderr,
-                                                desc="evaluate")):
-            predictions.append(texts[0])
-            f.write(json.dumps({"document": pair["document"], "reference": pair["summary"],
-                                "prediction": texts[0]}) + "\n")
-            f.flush()
+    results = _texts((p["document"] for p in pairs), config, params, tokenizer, controls, args)
+    best = (texts[0] for texts, _ in tqdm(results, total=len(pairs), unit="doc", file=sys.stderr, desc="evaluate"))
+    predictions = write_predictions(os.path.join(args.output_dir, f"predictions.{args.split}.jsonl"), pairs, best)
     seconds = time.perf_counter() - start
     metrics = rouge_scores(predictions, [p["summary"] for p in pairs])
     report = {"checkpoint": args.checkpoint, "data": args.data, "split": args.split, "examples": len(pairs),

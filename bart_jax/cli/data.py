@@ -1,0 +1,117 @@
+"""`bart-jax data text|pairs|builtin` (build TFDS datasets) and `bart-jax tokenizer train|encode|decode`.
+
+Library imports stay inside the commands: the tokenizer command never pays for tensorflow-datasets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+
+def _data_parser() -> argparse.ArgumentParser:
+    from bart_jax.data.datasets import SPLITS
+
+    parser = argparse.ArgumentParser(prog="bart-jax data", description="build TFDS (array_record) datasets")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command, help_text in (("text", "pretraining corpus from .txt/.jsonl/.gz files"),
+                               ("pairs", "summarization pairs from .jsonl/.tsv files")):
+        p = sub.add_parser(command, help=help_text)
+        p.add_argument("--data-dir", required=True)
+        p.add_argument("--name", default="default", help="dataset config name (several can share a data dir)")
+        for split in SPLITS:
+            p.add_argument(f"--{split}", nargs="*", default=[], metavar="FILE")
+        p.add_argument("--overwrite", action="store_true")
+        if command == "text":
+            p.add_argument("--text-field", default="text", help="JSON field holding the document")
+            p.add_argument("--blank-line-docs", action="store_true",
+                           help="documents are separated by blank lines (default: one per line)")
+        else:
+            p.add_argument("--document-field", default="document")
+            p.add_argument("--summary-field", default="summary")
+    p = sub.add_parser("builtin", help="the built-in corpus harvested from the Python standard library")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--kind", choices=("documents", "pairs", "both"), default="both")
+    p.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def cli_data(argv: list[str]) -> int:
+    """`bart-jax data text|pairs|builtin --data-dir DIR ...`: build a dataset, print its sizes and stats."""
+    args = _data_parser().parse_args(argv)
+    start = time.perf_counter()
+    # User errors (bad or empty input) reach the `bart-jax` dispatcher: one line, exit code 2.
+    from bart_jax.data.datasets import SPLITS, prepare_builtin, prepare_pairs, prepare_text_corpus
+    from bart_jax.errors import check_writable_dir
+
+    check_writable_dir(args.data_dir, "--data-dir")
+    if args.command == "builtin":
+        kinds = ("documents", "pairs") if args.kind == "both" else (args.kind,)
+        prepared = [prepare_builtin(args.data_dir, kind, overwrite=args.overwrite) for kind in kinds]
+    else:
+        split_paths = {split: getattr(args, split) for split in SPLITS}
+        if args.command == "text":
+            prepared = [prepare_text_corpus(split_paths, args.data_dir, name=args.name,
+                                            text_field=args.text_field,
+                                            blank_line_docs=args.blank_line_docs, overwrite=args.overwrite)]
+        else:
+            prepared = [prepare_pairs(split_paths, args.data_dir, name=args.name,
+                                      document_field=args.document_field, summary_field=args.summary_field,
+                                      overwrite=args.overwrite)]
+    for ds in prepared:
+        print(json.dumps({"path": ds.path, "sizes": {s: len(ds[s]) for s in ds}, "stats": ds.stats}))
+    print(f"done in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def _tokenizer_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bart-jax tokenizer", description=(
+        "Tokenizers behind one interface: SentencePiece models we train, and GPT-2 byte-level BPE "
+        "(HF BART checkpoints)."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a SentencePiece BPE tokenizer")
+    train.add_argument("--input", nargs="*", default=[],
+                       help="corpus files (.txt/.jsonl/.gz); default: the built-in stdlib-docs corpus")
+    train.add_argument("--vocab-size", type=int, default=8000)
+    train.add_argument("--out", required=True, help="output directory (gets tokenizer.model)")
+    train.add_argument("--max-training-lines", type=int, default=2_000_000)
+    train.add_argument("--seed", type=int, default=0)
+    encode = sub.add_parser("encode", help="print token ids and pieces of a text")
+    encode.add_argument("--tokenizer", required=True)
+    encode.add_argument("text")
+    decode = sub.add_parser("decode", help="print the text of token ids")
+    decode.add_argument("--tokenizer", required=True)
+    decode.add_argument("ids", nargs="+", type=int)
+    return parser
+
+
+def cli_tokenizer(argv: list[str]) -> int:
+    """`bart-jax tokenizer train|encode|decode ...`."""
+    args = _tokenizer_parser().parse_args(argv)
+    from bart_jax.data.tokenizer import SPM_MODEL_FILE, load_tokenizer, train_tokenizer
+
+    if args.command == "train":
+        from bart_jax.errors import check_writable_dir
+
+        check_writable_dir(args.out, "--out")  # before the training, not after it
+        if args.input:
+            texts = args.input
+        else:
+            from bart_jax.data.builtin import builtin_documents
+
+            texts = builtin_documents()["train"]
+        start = time.perf_counter()
+        tok = train_tokenizer(texts, args.vocab_size, args.out, max_training_lines=args.max_training_lines,
+                              seed=args.seed)
+        print(f"trained vocab {tok.vocab_size} (mask id {tok.mask_id}) in {time.perf_counter() - start:.1f}s"
+              f" -> {os.path.join(args.out, SPM_MODEL_FILE)}")
+    elif args.command == "encode":
+        tok = load_tokenizer(args.tokenizer)
+        ids = tok.encode(args.text)
+        print(" ".join(map(str, ids)))
+        print(" ".join(tok.id_to_token(i) for i in ids))
+    else:
+        print(load_tokenizer(args.tokenizer).decode(args.ids, skip_special_tokens=False))
+    return 0
