@@ -9,14 +9,16 @@ import signal
 import sys
 import threading
 
+__path__ = [os.path.join(os.path.dirname(__file__), "cli")]  # TEMPORARY (helper h2): bart_jax.cli.train importable until cli/ is a package
+
 # subcommand -> (module, function, one-line help). Modules are imported lazily so `bart-jax --help`
 # is instant and a subcommand only pays for what it uses.
 COMMANDS = {
     "convert": ("bart_jax.convert", "cli_main", "convert Hugging Face / fairseq checkpoints to and from bart_jax"),
     "tokenizer": ("bart_jax.data.tokenizer", "cli_main", "train or inspect a SentencePiece tokenizer"),
     "data": ("bart_jax.data.datasets", "cli_main", "build TFDS datasets (text corpus, summarization pairs, built-in)"),
-    "pretrain": ("bart_jax.train.loop", "cli_pretrain", "denoising pretraining"),
-    "finetune": ("bart_jax.train.loop", "cli_finetune", "fine-tuning on document -> summary pairs"),
+    "pretrain": ("bart_jax.cli.train", "cli_pretrain", "denoising pretraining"),
+    "finetune": ("bart_jax.cli.train", "cli_finetune", "fine-tuning on document -> summary pairs"),
     "generate": ("bart_jax.decode.cli", "cli_generate", "beam search / greedy / sampling from a checkpoint"),
     "evaluate": ("bart_jax.decode.cli", "cli_evaluate", "ROUGE of a checkpoint on a summarization split"),
     "run": ("bart_jax.pipeline", "cli_main", "the main job: tokenizer -> pretrain -> fine-tune -> beam search -> ROUGE"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import operator
 import os
 import typing
 from typing import Any, Mapping, Sequence
@@ -34,6 +35,7 @@ from omegaconf import errors as oc_errors
 
 from bart_jax.config import BartConfig, preset
 from bart_jax.noise.config import NoiseConfig, noise_preset
+from bart_jax.train.preflight import check_run_config  # noqa: F401  (re-exported: the config's own check)
 
 OPTIMIZERS = ("lamb", "adamw")
 DECAYS = ("constant", "linear", "polynomial", "cosine")
@@ -225,23 +227,29 @@ def validate(cfg: RunConfig) -> None:
     def bad(field, value, why):
         raise ValueError(f"{field}={value!r}: {why}")
 
+    minimum = {"checkpoint.keep": 1, "checkpoint.keep_best": 0}
+    choices = {"checkpoint.best_mode": BEST_MODES}
+    for stage in ("pretrain", "finetune"):
+        choices.update({f"{stage}.optimizer.name": OPTIMIZERS, f"{stage}.schedule.decay": DECAYS})
+        minimum.update({f"{stage}.schedule.warmup_steps": 0, f"{stage}.train.eval_every": 0,  # 0: no validation
+                        f"{stage}.train.eval_rouge_examples": 0})  # 0: no ROUGE
+        minimum.update({f"{stage}.train.{f}": 1 for f in (
+            "steps", "batch_size", "micro_batches", "source_length", "target_length", "log_every", "eval_batches",
+            "checkpoint_every", "max_nonfinite")})
+    for key, low in minimum.items():
+        if operator.attrgetter(key)(cfg) < low:
+            bad(key, operator.attrgetter(key)(cfg), f"must be >= {low}")
+    for key, allowed in choices.items():
+        if operator.attrgetter(key)(cfg) not in allowed:
+            bad(key, operator.attrgetter(key)(cfg), f"expected one of {allowed}")
     for name in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, name)
         if v == 0 or v < -1:
             bad(f"mesh.{name}", v, "must be a positive size or -1 (fill)")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         bad("mesh", dataclasses.asdict(cfg.mesh), "at most one axis may be -1")
-    if cfg.checkpoint.keep < 1:
-        bad("checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
-    if cfg.checkpoint.keep_best < 0:
-        bad("checkpoint.keep_best", cfg.checkpoint.keep_best, "must be >= 0")
-    if cfg.checkpoint.best_mode not in BEST_MODES:
-        bad("checkpoint.best_mode", cfg.checkpoint.best_mode, f"expected one of {BEST_MODES}")
     for stage in ("pretrain", "finetune"):
-        s = cfg.stage(stage)
-        o, sch, t = s.optimizer, s.schedule, s.train
-        if o.name not in OPTIMIZERS:
-            bad(f"{stage}.optimizer.name", o.name, f"expected one of {OPTIMIZERS}")
+        o, t = cfg.stage(stage).optimizer, cfg.stage(stage).train
         if o.learning_rate <= 0:
             bad(f"{stage}.optimizer.learning_rate", o.learning_rate, "must be positive")
         for f in ("b1", "b2"):
@@ -249,68 +257,11 @@ def validate(cfg: RunConfig) -> None:
                 bad(f"{stage}.optimizer.{f}", getattr(o, f), "must be in [0, 1)")
         if o.weight_decay < 0 or o.clip_norm < 0 or o.eps <= 0:
             bad(f"{stage}.optimizer", dataclasses.asdict(o), "weight_decay, clip_norm >= 0 and eps > 0 required")
-        if sch.decay not in DECAYS:
-            bad(f"{stage}.schedule.decay", sch.decay, f"expected one of {DECAYS}")
-        if sch.warmup_steps < 0:
-            bad(f"{stage}.schedule.warmup_steps", sch.warmup_steps, "must be >= 0")
-        for f in ("steps", "batch_size", "micro_batches", "source_length", "target_length", "log_every",
-                  "eval_batches", "checkpoint_every", "max_nonfinite"):
-            if getattr(t, f) < 1:
-                bad(f"{stage}.train.{f}", getattr(t, f), "must be >= 1")
-        if t.eval_rouge_examples < 0:
-            bad(f"{stage}.train.eval_rouge_examples", t.eval_rouge_examples, "must be >= 0 (0 disables ROUGE)")
-        if t.eval_every < 0:
-            bad(f"{stage}.train.eval_every", t.eval_every, "must be >= 0 (0 disables validation)")
         if t.batch_size % t.micro_batches:
             bad(f"{stage}.train.batch_size", t.batch_size,
                 f"must be divisible by train.micro_batches={t.micro_batches}")
         if not 0.0 <= t.label_smoothing < 1.0:
             bad(f"{stage}.train.label_smoothing", t.label_smoothing, "must be in [0, 1)")
-
-
-def check_run_config(cfg: RunConfig, stages: Sequence[str] = ("pretrain", "finetune")) -> None:
-    """Everything about a run config that can be checked without data: the model and noise presets
-    (building the BartConfig and the noise config, so unknown presets, fields and dtypes fail here),
-    sequence lengths against the model's positions, the mesh against the devices, batch sizes against the
-    mesh, and that the workdir can be written. Raises UserError; call it before any tokenizer training,
-    dataset build or directory creation."""
-    from bart_jax.errors import UserError, check_writable_dir
-
-    try:
-        model = cfg.model.bart_config()
-    except (ValueError, TypeError) as e:
-        raise UserError(f"model (preset {cfg.model.preset!r}): {e}") from None
-    try:
-        cfg.noise.noise_config()
-    except (ValueError, TypeError) as e:
-        raise UserError(f"noise (preset {cfg.noise.preset!r}): {e}") from None
-    for stage in stages:
-        s = cfg.stage(stage)
-        # A stage that starts from a foreign checkpoint takes its positions from there (checked on load).
-        if s.init_from and not s.init_from.startswith("run:"):
-            continue
-        fields = ("source_length",) if stage == "pretrain" else ("source_length", "target_length")
-        for f in fields:
-            if getattr(s.train, f) > model.max_position_embeddings:
-                raise UserError(f"{stage}.train.{f}={getattr(s.train, f)} exceeds the model's "
-                                f"max_position_embeddings={model.max_position_embeddings} (model.preset "
-                                f"{cfg.model.preset!r}); lower it or set model.max_position_embeddings")
-    if not cfg.distributed.enabled:  # jax.device_count() before jax.distributed.initialize would break it
-        import jax
-
-        from bart_jax.train import partitioning
-
-        try:
-            shape = partitioning.mesh_shape(cfg.mesh, jax.device_count())
-        except ValueError as e:
-            raise UserError(f"{e} (mesh.data/fsdp/tensor)") from None
-        shards = shape[0] * shape[1]
-        for stage in stages:
-            t = cfg.stage(stage).train
-            if t.batch_size % (t.micro_batches * shards):
-                raise UserError(f"{stage}.train.batch_size={t.batch_size} must be divisible by micro_batches "
-                                f"({t.micro_batches}) x the batch shards of the mesh (data x fsdp = {shards})")
-    check_writable_dir(cfg.workdir, "workdir")
 
 
 # ----------------------------------------------------------------------------------------- loading
