@@ -134,7 +134,7 @@ def test_allow_config_change_flag_reaches_the_training_functions(monkeypatch):
     from bart_jax import pipeline
 
     seen = []
-    monkeypatch.setattr(loop, "run_stage", lambda cfg, stage, **kw: seen.append((stage, kw)) or _Done())
+    monkeypatch.setattr(cli_train, "run_stage", lambda cfg, stage, **kw: seen.append((stage, kw)) or _Done())
     assert cli_train.cli_pretrain(["--config", "tiny", "--allow-config-change"]) == 0
     assert cli_train.cli_finetune(["--config", "tiny"]) == 0
     assert seen == [("pretrain", {"allow_config_change": True}), ("finetune", {"allow_config_change": False})]
