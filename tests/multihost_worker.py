@@ -3,7 +3,8 @@
 Run as `python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_JSON CKPT_DIR` with
 XLA_FLAGS=--xla_force_host_platform_device_count=4: joins the job on 127.0.0.1:PORT (gloo CPU collectives),
 trains a few steps on a (2, 2, 2) mesh over both processes' devices, each process feeding only its own
-rows of every global batch, saves and restores a checkpoint, and (process 0) writes the losses to OUT_JSON.
+rows of every global batch, saves and restores a checkpoint (with each process's own grain iterator
+position), and (process 0) writes the losses to OUT_JSON.
 """
 
 import json
@@ -22,15 +23,18 @@ def global_batches(model, steps=STEPS, batch=GLOBAL_BATCH, length=16):
 
 
 def train(mesh_shape=MESH, ckpt_dir=None):
-    """Train STEPS steps on the mesh over all devices of all processes; returns (losses, restored_ok, data states)."""
+    """Train STEPS steps on the mesh over all devices of all processes; returns (losses, restored_ok, the
+    position each process's data iterator is restored to, in process order)."""
+    import grain
     import jax
+    import numpy as np
 
     from bart_jax import preset
     from bart_jax.data import to_global_batch
     from bart_jax.model import param_logical_axes
     from bart_jax.train import config as C
     from bart_jax.train import optim, partitioning
-    from bart_jax.train.checkpoint import Checkpointer, gather_process_states
+    from bart_jax.train.checkpoint import Checkpointer
     from bart_jax.train.state import abstract_params, create_train_state, state_shardings
     from bart_jax.train.step import compile_train_step, make_train_step
 
@@ -50,18 +54,29 @@ def train(mesh_shape=MESH, ckpt_dir=None):
         local = {k: v[rows] for k, v in batch.items()}  # this process's own data shard
         state, metrics = step(state, to_global_batch(local, sharding))
         losses.append(float(metrics["loss"]))
-    restored_ok, data_states = None, None
+    restored_ok, positions = None, None
     if ckpt_dir is not None:
+        from jax.experimental import multihost_utils
+
+        # Each process's own data stream (100 * process index + n), STEPS items into it.
+        def stream():
+            start = 100 * jax.process_index()
+            return iter(grain.MapDataset.range(start, start + 50).to_iter_dataset())
+
+        batches = stream()
+        for _ in range(STEPS):
+            next(batches)
         ckpt = Checkpointer(ckpt_dir)
-        ckpt.save(state, config={"test": True},
-                  data_states=gather_process_states({"process": jax.process_index(), "rows": per_process}))
+        ckpt.save(state, config={"test": True}, data_iterator=batches)
         ckpt.wait()
         _, abstract = state_shardings(model, optimizer, mesh)
-        restored, data_states, _ = ckpt.restore(STEPS, abstract, shardings)
+        fresh = stream()
+        restored, _ = ckpt.restore(STEPS, abstract, shardings, data_iterator=fresh)
         ckpt.close()
         same = jax.tree.map(lambda a, b: bool((a == b).all()), restored.params, state.params)
         restored_ok = all(jax.tree.leaves(same))
-    return losses, restored_ok, data_states
+        positions = [int(p) for p in multihost_utils.process_allgather(np.int32(next(fresh)))]
+    return losses, restored_ok, positions
 
 
 def main(argv):
@@ -72,10 +87,10 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
                                process_id=process_id, initialization_timeout=120)
     assert jax.process_count() == num_processes and jax.device_count() == 4 * num_processes
-    losses, restored_ok, data_states = train(ckpt_dir=ckpt_dir)
+    losses, restored_ok, positions = train(ckpt_dir=ckpt_dir)
     if process_id == 0:
         with open(out_path, "w") as f:
-            json.dump({"losses": losses, "restored_ok": restored_ok, "data_states": data_states,
+            json.dump({"losses": losses, "restored_ok": restored_ok, "data_positions": positions,
                        "devices": jax.device_count(), "local_devices": jax.local_device_count()}, f)
     jax.distributed.shutdown()
 

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import chex
+import grain
 import jax
 import numpy as np
 import pytest
@@ -31,19 +32,24 @@ def test_keep_last_and_best_and_restore_onto_smaller_mesh(tmp_path):
     optimizer = _optimizer()
     state, _ = create_train_state(MODEL, optimizer, partitioning.make_mesh(C.MeshConfig(2, 2, 2)), seed=3)
     ckpt = Checkpointer(tmp_path, C.CheckpointConfig(keep=2, keep_best=1))
+    batches = iter(grain.MapDataset.range(100).to_iter_dataset())
     for i, loss in enumerate([5.0, 1.0, 3.0, 4.0]):
         state = state.replace(step=state.step + 1)
-        ckpt.save(state, config={"run": "x"}, data_states=[{"position": i}], metrics={"eval_loss": loss})
+        assert next(batches) == i
+        ckpt.save(state, config={"run": "x"}, data_iterator=batches, metrics={"eval_loss": loss})
+    assert next(batches) == 4  # moving on after a save does not move the saved position
     ckpt.wait()
+    assert [n for n in os.listdir(tmp_path / "4" / "data") if n.startswith("process")] == ["process_0-of-1.json"]
     assert ckpt.all_steps() == [2, 3, 4]  # last two + the best (step 2, eval_loss 1.0)
     assert ckpt.best_step() == 2 and ckpt.latest_step() == 4
 
     # Saved on 8 devices as (2, 2, 2); restored on 2 devices.
     small = partitioning.make_mesh(C.MeshConfig(1, 2, 1), devices=jax.devices()[:2])  # fsdp over 2
     shardings, abstract = state_shardings(MODEL, optimizer, small)
-    restored, data_states, config = ckpt.restore(4, abstract, shardings)
+    fresh = iter(grain.MapDataset.range(100).to_iter_dataset())
+    restored, config = ckpt.restore(4, abstract, shardings, data_iterator=fresh)
     ckpt.close()
-    assert data_states == [{"position": 3}] and config == {"run": "x"} and int(restored.step) == 4
+    assert next(fresh) == 4 and config == {"run": "x"} and int(restored.step) == 4
     chex.assert_trees_all_equal(jax.device_get(restored.params), jax.device_get(state.params))
     chex.assert_trees_all_equal(jax.device_get(restored.opt_state), jax.device_get(state.opt_state))
     emb = restored.params["shared"]["embedding"]
@@ -65,9 +71,9 @@ CRASH_SCRIPT = textwrap.dedent("""
                           rng=jax.random.PRNGKey(0),
                           nonfinite_streak=jnp.int32(0), nonfinite_total=jnp.int32(0))
     ckpt = Checkpointer(sys.argv[1])
-    ckpt.save(state(1), config={}, data_states=[{"at": 1}])
+    ckpt.save(state(1), config={})
     ckpt.wait()
-    ckpt.save(state(2), config={}, data_states=[{"at": 2}])  # asynchronous: returns before the write ends
+    ckpt.save(state(2), config={})  # asynchronous: returns before the write ends
     os._exit(9)  # crash mid-save
 """)
 

@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from bart_jax.cli import train as cli_train
 from bart_jax.train import config as C
 from bart_jax.train import loop
 
@@ -107,7 +108,7 @@ def test_resume_with_changed_training_settings_is_refused_unless_allowed(small_r
     assert _latest(first.checkpoint_dir) == 2  # nothing trained, nothing written
 
     # (That cadence/logging/mesh changes are not refused: test_resume_config_changes_lists_only_trajectory_settings.)
-    with caplog.at_level("WARNING", logger="bart_jax.train.loop"):
+    with caplog.at_level("WARNING", logger="bart_jax.train.resume"):
         resumed = loop.pretrain(C.load_config("tiny", args + ["pretrain.train.steps=4"]), allow_config_change=True)
     assert resumed.resumed_from == 2 and resumed.final_step == 4 and len(resumed.losses) == 2
     assert "pretrain.train.steps: 2 -> 4" in caplog.text
@@ -133,9 +134,9 @@ def test_allow_config_change_flag_reaches_the_training_functions(monkeypatch):
     from bart_jax.cli import run as run_cli
 
     seen = []
-    monkeypatch.setattr(loop, "run_stage", lambda cfg, stage, **kw: seen.append((stage, kw)) or _Done())
-    assert loop.cli_pretrain(["--config", "tiny", "--allow-config-change"]) == 0
-    assert loop.cli_finetune(["--config", "tiny"]) == 0
+    monkeypatch.setattr(cli_train, "run_stage", lambda cfg, stage, **kw: seen.append((stage, kw)) or _Done())
+    assert cli_train.cli_pretrain(["--config", "tiny", "--allow-config-change"]) == 0
+    assert cli_train.cli_finetune(["--config", "tiny"]) == 0
     assert seen == [("pretrain", {"allow_config_change": True}), ("finetune", {"allow_config_change": False})]
     calls = []
     monkeypatch.setattr(run_cli, "run_and_print", lambda *a, **kw: calls.append(kw))

@@ -90,10 +90,14 @@ def test_mesh_shape_fill_and_errors():
         partitioning.check_batch_divisible(6, 1, mesh)
 
 
-def test_indivisible_dimension_is_replicated():
+def test_indivisible_dimension_is_replicated_with_one_warning_naming_it(caplog):
     mesh = partitioning.make_mesh(C.MeshConfig(1, 2, 4))
-    logical = {"w": P("embed", "heads"), "b": P("vocab")}
-    shapes = {"w": jax.ShapeDtypeStruct((64, 6), jnp.float32), "b": jax.ShapeDtypeStruct((100,), jnp.float32)}
-    sh = partitioning.logical_to_shardings(logical, shapes, mesh)
-    assert sh["w"].spec == P("fsdp", None)  # 6 heads do not split over 4
+    logical = {"attn": {"w6": P("embed", "heads")}, "b": P("vocab")}
+    shapes = {"attn": {"w6": jax.ShapeDtypeStruct((64, 6), jnp.float32)}, "b": jax.ShapeDtypeStruct((100,), jnp.float32)}
+    with caplog.at_level("WARNING", logger="bart_jax.train.partitioning"):
+        sh = partitioning.logical_to_shardings(logical, shapes, mesh)
+        again = partitioning.logical_to_shardings(logical, shapes, mesh)  # e.g. the optimizer's copy
+    assert sh["attn"]["w6"].spec == again["attn"]["w6"].spec == P("fsdp", None)  # 6 heads do not split over 4
     assert sh["b"].spec == P("tensor")  # 100 = 4 x 25
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith("attn/w6: dimension 1 (size 6)"), warnings

@@ -144,7 +144,7 @@ def test_bf16_compute_keeps_fp32_master_weights():
 def test_training_stops_after_k_nonfinite_steps(tmp_path, capsys):
     """A step that blows the weights up gives NaN afterwards; after K in a row the CLI stops with a clear
     message, exit code 1, and the last good checkpoint restores to finite parameters."""
-    from bart_jax.train import loop
+    from bart_jax.cli import train as cli_train
     from bart_jax.train.checkpoint import Checkpointer
 
     args = ["--config", "tiny", f"workdir={tmp_path}",
@@ -154,7 +154,7 @@ def test_training_stops_after_k_nonfinite_steps(tmp_path, capsys):
             "pretrain.train.checkpoint_every=1", "pretrain.train.max_nonfinite=2",
             "pretrain.train.progress_bar=false", "pretrain.train.peak_flops_per_device=1e9",
             "checkpoint.async_save=false"]
-    assert loop.cli_pretrain(args) == 1
+    assert cli_train.cli_pretrain(args) == 1
     err = capsys.readouterr().err
     assert "2 consecutive steps with a non-finite loss" in err
     ckpt = Checkpointer(tmp_path / "pretrain" / "checkpoints", read_only=True)

@@ -1,5 +1,5 @@
 """`bart-jax` command line: the dispatcher, with one module per command group (`data`, `convert`, `decode`,
-`run`; training comes from bart_jax.train.loop). The one place where user errors become one line and exit
+`run`, `train`). The one place where user errors become one line and exit
 code 2, and where logging is configured; the libraries themselves only raise and log."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ COMMANDS = {
                 "convert Hugging Face / fairseq checkpoints to and from bart_jax"),
     "tokenizer": ("bart_jax.cli.data", "cli_tokenizer", "train or inspect a SentencePiece tokenizer"),
     "data": ("bart_jax.cli.data", "cli_data", "build TFDS datasets (text corpus, summarization pairs, built-in)"),
-    "pretrain": ("bart_jax.train.loop", "cli_pretrain", "denoising pretraining"),
-    "finetune": ("bart_jax.train.loop", "cli_finetune", "fine-tuning on document -> summary pairs"),
+    "pretrain": ("bart_jax.cli.train", "cli_pretrain", "denoising pretraining"),
+    "finetune": ("bart_jax.cli.train", "cli_finetune", "fine-tuning on document -> summary pairs"),
     "generate": ("bart_jax.cli.decode", "cli_generate", "beam search / greedy / sampling from a checkpoint"),
     "evaluate": ("bart_jax.cli.decode", "cli_evaluate", "ROUGE of a checkpoint on a summarization split"),
     "run": ("bart_jax.cli.run", "cli_run", "the main job: tokenizer -> pretrain -> fine-tune -> beam search -> ROUGE"),

@@ -5,9 +5,11 @@
     result = pretrain(cfg)          # TrainResult: final_step, losses, eval_metrics, checkpoint_dir, model_dir, ...
     result = finetune(cfg)          # starts from cfg.finetune.init_from (e.g. 'run:pretrain' or a HF dir)
 
-Modules: config (run config + YAML/overrides), optim (LAMB/AdamW, schedules, per-layer trust ratio),
-partitioning (mesh, logical-axis rules, shardings), state (TrainState), step (loss, train/eval steps),
-checkpoint (orbax), flops (MFU), loop (entry points and CLI). Names resolve lazily.
+Modules: config (run config on OmegaConf: YAML + overrides), optim (LAMB/AdamW, schedules, per-layer
+trust ratio), partitioning (mesh, logical-axis rules, shardings), state (TrainState), step (loss, train/eval
+steps), checkpoint (orbax), flops (MFU), inputs (tokenizer, datasets, batches, noise), resume (where a
+stage's model starts), setup (everything before the first step), progress (metrics, logging), loop (the
+stages: set up, train, finalise). The command lines are in bart_jax.cli.train. Names resolve lazily.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ _LAZY = {
     "finetune": "bart_jax.train.loop",
     "run_stage": "bart_jax.train.loop",
     "TrainResult": "bart_jax.train.loop",
-    "TrainingDiverged": "bart_jax.train.loop",
+    "TrainingDiverged": "bart_jax.train.progress",
     "TrainState": "bart_jax.train.state",
     "Checkpointer": "bart_jax.train.checkpoint",
 }

@@ -4,7 +4,8 @@ Layout of a run's checkpoint directory (one numbered directory per saved step)::
 
     <run_dir>/checkpoints/<step>/state/    TrainState as a dict: step, updates, params, opt_state, rng,
                                            nonfinite_streak, nonfinite_total (sharded arrays)
-    <run_dir>/checkpoints/<step>/data/     JSON: {"process_states": [<iterator state of process i>, ...]}
+    <run_dir>/checkpoints/<step>/data/     grain's iterator checkpoint: process_<i>-of-<n>.json, one file
+                                           per process, each written and read by its own process
     <run_dir>/checkpoints/<step>/config/   JSON: {"run": RunConfig.to_dict(), "stage": "pretrain"|"finetune",
                                            "model_config": BartConfig.to_dict()} (what the loop stores)
     <run_dir>/checkpoints/<step>/metrics/  JSON: validation metrics when the step had them (orbax's)
@@ -16,13 +17,12 @@ complete, so a crash mid-save leaves only a temporary directory that `latest_ste
 
 from __future__ import annotations
 
-import json
 import os
 import weakref
 from typing import Any
 
+import grain.checkpoint
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -41,20 +41,6 @@ def _state_dict(state: TrainState) -> dict[str, Any]:
 def _abstract(tree, shardings):
     """ShapeDtypeStructs carrying the target shardings, so orbax restores straight onto the (new) mesh."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def gather_process_states(local_state: Any) -> list[Any]:
-    """Every process's JSON-serialisable data-iterator state, in process order (identical on all processes)."""
-    if jax.process_count() == 1:
-        return [local_state]
-    from jax.experimental import multihost_utils
-
-    blob = np.frombuffer(json.dumps(local_state).encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.asarray([blob.size], np.int32))
-    padded = np.zeros(int(np.max(lengths)), np.uint8)
-    padded[: blob.size] = blob
-    blobs = multihost_utils.process_allgather(padded)
-    return [json.loads(bytes(b[: int(n)]).decode()) for b, n in zip(np.asarray(blobs), np.asarray(lengths).ravel())]
 
 
 class Checkpointer:
@@ -85,47 +71,46 @@ class Checkpointer:
 
     def best_step(self) -> int | None:
         """Best step by the validation metric among kept steps with metrics; else the latest step."""
-        with_metrics = [s for s in self.manager.all_steps() if self._metrics(s) is not None]
+        with_metrics = [s for s in self.manager.all_steps() if self.manager.metadata(s).metrics]
         return self.manager.best_step() if with_metrics else self.latest_step()
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def _metrics(self, step: int):
-        for info in self.manager._checkpoints:  # orbax keeps per-step metrics here; no public getter
-            if info.step == step:
-                return info.metrics
-        return None
-
     # ------------------------------------------------------------------ save / restore
-    def save(self, state: TrainState, *, config: dict, data_states: list | None = None,
-             metrics: dict | None = None) -> bool:
-        """Start saving `state` at its step (asynchronously). Device arrays are copied before this
-        returns, so the caller may donate `state` to the next train step right away."""
+    def save(self, state: TrainState, *, config: dict, data_iterator=None, metrics: dict | None = None) -> bool:
+        """Start saving `state` at its step (asynchronously), with the position of this process's grain
+        `data_iterator` (the batch the next step reads). Device arrays and the iterator position are
+        copied before this returns, so the caller may donate `state` and advance the iterator at once."""
         step = int(jax.device_get(state.step))
         jax.block_until_ready(state)
-        args = ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(_state_dict(state)),
-            DATA: ocp.args.JsonSave({"process_states": data_states}),
-            CONFIG: ocp.args.JsonSave(config),
-        })
+        items = {STATE: ocp.args.StandardSave(_state_dict(state)), CONFIG: ocp.args.JsonSave(config)}
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        args = ocp.args.Composite(**items)
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         return self.manager.save(step, args=args, metrics=metrics, force=True)
 
-    def restore(self, step: int, abstract_state: TrainState, shardings: TrainState):
-        """(TrainState on `shardings`' mesh, per-process data states or None, config dict) of `step`.
+    def restore(self, step: int, abstract_state: TrainState, shardings: TrainState, data_iterator=None):
+        """(TrainState on `shardings`' mesh, config dict) of `step`; `data_iterator` (a grain iterator
+        like the one saved) is moved to the saved position of this process.
 
         abstract_state: ShapeDtypeStruct TrainState of the *current* model/optimizer (the mesh may differ
         from the one that saved it)."""
         target = _abstract(_state_dict(abstract_state), _state_dict(shardings))
-        out = self.manager.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(target),
-            DATA: ocp.args.JsonRestore(),
-            CONFIG: ocp.args.JsonRestore(),
-        }))
-        s = out[STATE]
-        state = TrainState(**s)
-        return state, (out[DATA] or {}).get("process_states"), out[CONFIG]
+        items = {STATE: ocp.args.StandardRestore(target), CONFIG: ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:
+            if data_iterator is None or "process_" not in str(e):
+                raise
+            raise ValueError(f"{self.directory}/{step}: no data-iterator position for process "
+                             f"{jax.process_index()} of {jax.process_count()} (saved by another number of "
+                             "processes or an older bart_jax); resume with the number of processes that "
+                             "saved it") from None
+        return TrainState(**out[STATE]), out[CONFIG]
 
     def wait(self):
         self.manager.wait_until_finished()

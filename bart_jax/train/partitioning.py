@@ -8,6 +8,7 @@ activations' feature dimension.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -20,6 +21,8 @@ import flax.linen as nn
 from bart_jax.train.config import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
+logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # parameters already reported as not dividing over their mesh axes
 BATCH_AXES = ("data", "fsdp")
 
 # (logical name, mesh axes), in priority order (flax semantics: first free match wins).
@@ -75,22 +78,36 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
-def _fits(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-    """Drop the mesh axes of any dimension that they do not divide evenly (that dimension is replicated)."""
+def _fits(spec: P, shape: Sequence[int], mesh: Mesh, name: str = "") -> P:
+    """`spec` with the mesh axes dropped from any dimension they do not divide evenly (that dimension is
+    replicated instead), warning once per parameter `name`."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = math.prod(mesh.shape[a] for a in names)
-        out.append(axes if names and dim % size == 0 else None)
+        if names and dim % size:
+            if name not in _WARNED:
+                _WARNED.add(name)
+                logger.warning("%s: dimension %d (size %d) does not divide over mesh axes %s (%d devices); it is "
+                               "replicated instead (pad it, e.g. model.pad_vocab_to_multiple_of, or change the mesh)",
+                               name or "an array", len(out), dim, axes, size)
+            axes = None
+        out.append(axes)
     return P(*out)
+
+
+def _param_name(path) -> str:
+    """'encoder/layers/fc1/kernel' for a leaf path; optimizer-state copies of a parameter share its name."""
+    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
 def logical_to_shardings(logical_axes, shapes, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """NamedSharding tree from a tree of logical PartitionSpecs and a matching tree of shapes
-    (arrays or ShapeDtypeStructs). A dimension not divisible by its mesh axes is replicated instead."""
+    (arrays or ShapeDtypeStructs). A dimension not divisible by its mesh axes is replicated, with a
+    warning naming the parameter."""
     mesh_specs = nn.logical_to_mesh(logical_axes, rules)
-    return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, _fits(spec, x.shape, mesh)),
+    return jax.tree_util.tree_map_with_path(
+        lambda path, spec, x: NamedSharding(mesh, _fits(spec, x.shape, mesh, _param_name(path))),
         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
@@ -105,32 +122,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
-def _path_names(path) -> tuple[str, ...]:
-    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
-def follow_param_shardings(tree, param_shardings, param_shapes, mesh: Mesh):
-    """Shardings for a tree that embeds copies of the parameter tree (optimizer state: Adam's mu/nu, ...).
-
-    A leaf whose trailing dict-key path and shape match a parameter gets that parameter's sharding; all
-    other leaves (step counts, scalars) are replicated.
-    """
-    by_path = {}
-    for (path, s), x in zip(jax.tree_util.tree_leaves_with_path(param_shardings),
-                            jax.tree_util.tree_leaves(param_shapes)):
-        by_path[_path_names(path)] = (s, tuple(x.shape))
-
-    def pick(path, leaf):
-        names = _path_names(path)
-        for start in range(len(names)):
-            hit = by_path.get(names[start:])
-            if hit is not None and hit[1] == tuple(getattr(leaf, "shape", ())):
-                return hit[0]
-        return replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def check_batch_divisible(batch_size: int, micro_batches: int, mesh: Mesh, what: str = "train.batch_size"):

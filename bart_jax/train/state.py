@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from bart_jax.config import BartConfig
 from bart_jax.train import partitioning
@@ -56,40 +57,57 @@ def abstract_params(config: BartConfig):
     return jax.eval_shape(lambda key: init_params(config, key), jax.random.PRNGKey(0))
 
 
-def state_shardings(config: BartConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    rules=partitioning.LOGICAL_AXIS_RULES):
-    """(TrainState of NamedShardings, TrainState of ShapeDtypeStructs) for this model/optimizer/mesh."""
+def boxed_abstract_params(config: BartConfig):
+    """The parameters' ShapeDtypeStructs, each boxed with its logical axis names (`nn.LogicallyPartitioned`),
+    as the model declares them: what `state_shardings` derives every state sharding from."""
     from bart_jax.model import param_logical_axes
 
-    params = abstract_params(config)
-    param_sh = partitioning.logical_to_shardings(param_logical_axes(config), params, mesh, rules)
-    abstract = jax.eval_shape(lambda p: _state_from_params(p, optimizer, jax.random.PRNGKey(0)), params)
-    opt_sh = partitioning.follow_param_shardings(abstract.opt_state, param_sh, params, mesh)
-    rep = partitioning.replicated(mesh)
-    shardings = TrainState(step=rep, updates=rep, params=param_sh, opt_state=opt_sh, rng=rep,
-                           nonfinite_streak=rep, nonfinite_total=rep)
+    return jax.tree.map(lambda spec, x: nn.LogicallyPartitioned(x, tuple(spec)), param_logical_axes(config),
+                        abstract_params(config), is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def state_shardings(config: BartConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    rules=partitioning.LOGICAL_AXIS_RULES, boxed_params=None):
+    """(TrainState of NamedShardings, TrainState of ShapeDtypeStructs) for this model/optimizer/mesh.
+
+    As flax's lm1b: the state is built abstractly from boxed parameters, so the optimizer's copies of them
+    (Adam's mu/nu) carry the same logical names, and `nn.get_partition_spec` reads every leaf's spec
+    (unboxed leaves — step counts, the PRNG key — are replicated).
+    boxed_params: `boxed_abstract_params(config)` when the caller has it already.
+    """
+    boxed = boxed_abstract_params(config) if boxed_params is None else boxed_params
+    boxed_state = jax.eval_shape(lambda p: _state_from_params(p, optimizer, jax.random.PRNGKey(0)), boxed)
+    abstract = nn.meta.unbox(boxed_state)
+    shardings = partitioning.logical_to_shardings(nn.get_partition_spec(boxed_state), abstract, mesh, rules)
     return shardings, abstract
 
 
 def create_train_state(config: BartConfig, optimizer: optax.GradientTransformation, mesh: Mesh, seed: int,
                        params=None, rules=partitioning.LOGICAL_AXIS_RULES):
-    """A fresh sharded TrainState and its shardings.
+    """A fresh sharded TrainState and its shardings (`state_shardings` then `init_train_state`).
 
     params: None initialises the model from `seed`; otherwise a parameter tree (numpy or jax arrays,
     e.g. a pretrained checkpoint or an imported Hugging Face model) that must match the model's
     structure and shapes; it is cast to `param_dtype`.
     Returns (state, shardings) where shardings is a TrainState of NamedShardings.
     """
+    shardings, abstract = state_shardings(config, optimizer, mesh, rules)
+    return init_train_state(config, optimizer, mesh, seed, shardings, abstract, params), shardings
+
+
+def init_train_state(config: BartConfig, optimizer: optax.GradientTransformation, mesh: Mesh, seed: int,
+                     shardings: TrainState, abstract: TrainState, params=None) -> TrainState:
+    """A fresh TrainState placed on `shardings` (from `state_shardings`; `params` as `create_train_state`),
+    made by one jit with `out_shardings`, so no device ever holds more than its shards."""
     from bart_jax.model import init_params
 
-    shardings, abstract = state_shardings(config, optimizer, mesh, rules)
     # Dropout stream independent of the init stream.
     init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
     if params is None:
         make = jax.jit(lambda k, d: _state_from_params(init_params(config, k), optimizer, d),
                        out_shardings=shardings)
         with jax.set_mesh(mesh):
-            return make(init_key, dropout_key), shardings
+            return make(init_key, dropout_key)
     check_params_match(params, abstract.params)
 
     def place(x, a):
@@ -99,10 +117,9 @@ def create_train_state(config: BartConfig, optimizer: optax.GradientTransformati
         return np.asarray(x, dtype=a.dtype)
 
     params = jax.device_put(jax.tree.map(place, params, abstract.params), shardings.params)
-    make = jax.jit(lambda p, d: _state_from_params(p, optimizer, d), out_shardings=shardings,
-                   donate_argnums=0)
+    make = jax.jit(lambda p, d: _state_from_params(p, optimizer, d), out_shardings=shardings, donate_argnums=0)
     with jax.set_mesh(mesh):
-        return make(params, dropout_key), shardings
+        return make(params, dropout_key)
 
 
 def check_params_match(params, expected) -> None:

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from bart_jax.config import BartConfig
 from bart_jax.train import partitioning
+from bart_jax.train.config import LABEL_SMOOTHING_FORMS
 from bart_jax.train.optim import zero_frozen
 from bart_jax.train.state import TrainState
 
@@ -26,7 +27,7 @@ MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_atten
 # Where label smoothing puts its mass eps. "all_classes" (PyTorch's CrossEntropyLoss, Hugging Face, the
 # default): eps/V on every one of the V classes, the target included, so the target gets 1 - eps + eps/V.
 # "other_classes" (fairseq's label_smoothed_cross_entropy): eps/(V-1) on each non-target class, the target 1 - eps.
-LABEL_SMOOTHING_FORMS = ("all_classes", "other_classes")
+# The names: bart_jax.train.config.LABEL_SMOOTHING_FORMS (the config checks them).
 
 
 def identity_batch(batch: dict, index) -> dict:

@@ -1,0 +1,49 @@
+"""`bart-jax pretrain|finetune --config FILE [--variant NAME] [--allow-config-change] [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax
+
+from bart_jax.train.config import load_config
+from bart_jax.train.preflight import check_run_config
+from bart_jax.train.loop import run_stage
+from bart_jax.train.progress import TrainingDiverged
+from bart_jax.train.resume import ALLOW_CONFIG_CHANGE_HELP
+
+
+def cli_pretrain(argv: list[str]) -> int:
+    return _cli("pretrain", argv)
+
+
+def cli_finetune(argv: list[str]) -> int:
+    return _cli("finetune", argv)
+
+
+def _cli(stage: str, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"bart-jax {stage}",
+        description=f"{stage} BART. Overrides are dotted keys of the run config, e.g. {stage}.train.steps=100 "
+                    "model.dtype=bfloat16 mesh.fsdp=4.")
+    parser.add_argument("--config", help="run config: a bundled name (tiny, base, large) or a YAML path")
+    parser.add_argument("--variant", help="named bundle of overrides from the config's `variants` section")
+    parser.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    # User errors (config, data, paths) reach the `bart-jax` dispatcher: one line, exit code 2.
+    cfg = load_config(args.config, args.overrides, args.variant)
+    check_run_config(cfg, (stage,))
+    try:
+        result = run_stage(cfg, stage, allow_config_change=args.allow_config_change)
+    except TrainingDiverged as e:
+        print(f"bart-jax {stage}: {e}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        print(json.dumps({"stage": stage, "final_step": result.final_step,
+                          "last_loss": result.losses[-1] if result.losses else None,
+                          "eval": result.eval_metrics, "checkpoints": result.checkpoint_dir,
+                          "best_step": result.best_step, "model_dir": result.model_dir}))
+    return 0

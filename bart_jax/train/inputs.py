@@ -1,0 +1,165 @@
+"""What a training stage reads: the tokenizer (trained into the workdir the first time), the prepared
+dataset of its data source, its batch iterators, and pretraining's on-device noise."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+from bart_jax.data.text import as_text
+from bart_jax.errors import UserError
+from bart_jax.train.config import RunConfig
+
+EVAL_NOISE_SEED_OFFSET = 7919  # eval batches are noised by a fixed stream, distinct from training's
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_PROVENANCE_FILE = "trained_from.json"
+_PROVENANCE_LABELS = {"pretrain_source": "data.pretrain_source", "tokenizer_vocab_size": "data.tokenizer_vocab_size",
+                      "dataset_fingerprint": "the pretraining dataset's content fingerprint"}
+
+
+def _tokenizer_provenance(cfg: RunConfig) -> dict:
+    """What a workdir tokenizer is trained from: the pretraining source (a prepared dataset also by its
+    content fingerprint) and the vocabulary size."""
+    source = cfg.data.pretrain_source
+    out = {"pretrain_source": source, "tokenizer_vocab_size": cfg.data.tokenizer_vocab_size}
+    if source != "builtin":
+        out["pretrain_source"] = os.path.abspath(source)
+        try:
+            with open(os.path.join(source, "metadata.json")) as f:
+                out["dataset_fingerprint"] = json.load(f).get("fingerprint")
+        except (OSError, ValueError):
+            pass  # not a prepared dataset: `prepared_dataset` says so when it is opened
+    return out
+
+
+def _check_tokenizer_provenance(cfg: RunConfig, directory: str) -> None:
+    """Refuse a workdir tokenizer trained from another source or with another vocabulary size."""
+    path = os.path.join(directory, TOKENIZER_PROVENANCE_FILE)
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except FileNotFoundError:
+        logger.warning("%s has no %s (trained by an older bart_jax): cannot check that it matches "
+                       "data.pretrain_source and data.tokenizer_vocab_size", directory, TOKENIZER_PROVENANCE_FILE)
+        return
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); delete {directory} to retrain the tokenizer") from None
+    wanted = _tokenizer_provenance(cfg)
+    differ = [k for k in wanted if k in stored and stored[k] != wanted[k]]
+    if differ:
+        def show(d):
+            return ", ".join(f"{_PROVENANCE_LABELS[k]}={d.get(k)!r}" for k in differ)
+
+        raise ValueError(
+            f"the tokenizer in {directory} was trained with {show(stored)}, but this run has {show(wanted)}; "
+            f"delete {directory} to train a new one, or set data.tokenizer={directory} to use it as it is")
+
+
+def load_or_train_tokenizer(cfg: RunConfig):
+    """`data.tokenizer` if set; else the tokenizer in `<workdir>/tokenizer`, trained there on the
+    pretraining corpus's train split the first time. What it was trained from (source, vocabulary size) is
+    recorded beside it in `trained_from.json`; a later run configured otherwise is refused (ValueError)."""
+    from bart_jax.data import load_tokenizer, train_tokenizer
+
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer
+    directory = os.path.join(cfg.workdir, "tokenizer")
+    try:
+        tok = load_tokenizer(directory)
+    except FileNotFoundError:
+        pass
+    else:
+        _check_tokenizer_provenance(cfg, directory)
+        return tok, directory
+    if jax.process_count() > 1:
+        raise ValueError("multi-host runs need data.tokenizer (a tokenizer trained beforehand); training one "
+                         "in every process would race on the shared workdir")
+    tok = train_tokenizer(_tokenizer_texts(cfg), cfg.data.tokenizer_vocab_size, directory,
+                          seed=cfg.data.shuffle_seed)
+    tmp = os.path.join(directory, TOKENIZER_PROVENANCE_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(_tokenizer_provenance(cfg), f, indent=1)
+    os.replace(tmp, os.path.join(directory, TOKENIZER_PROVENANCE_FILE))
+    return tok, directory
+
+
+def _tokenizer_texts(cfg: RunConfig):
+    if cfg.data.pretrain_source == "builtin":
+        from bart_jax.data import builtin_documents
+
+        return builtin_documents()["train"]
+    source = prepared_dataset(cfg, "pretrain")[cfg.data.train_split]
+    return (as_text(source[i]["text"]) for i in range(len(source)))
+
+
+def prepared_dataset(cfg: RunConfig, stage: str):
+    """The prepared dataset (split -> random-access source) of a stage's data source."""
+    from bart_jax.data import load_prepared, prepare_builtin
+
+    source = cfg.data.pretrain_source if stage == "pretrain" else cfg.data.finetune_source
+    if source == "builtin":
+        return prepare_builtin(os.path.join(cfg.workdir, "data"), "documents" if stage == "pretrain" else "pairs")
+    if not os.path.isdir(source):
+        raise ValueError(f"data.{stage}_source={source!r}: not 'builtin' nor a prepared dataset directory "
+                         "(build one with `bart-jax data text|pairs`)")
+    return load_prepared(source)
+
+
+def check_splits(cfg: RunConfig, stage: str, dataset) -> None:
+    """Refuse (UserError) a dataset without the train split, or without the eval split when validating."""
+    t = cfg.stage(stage).train
+    splits = [cfg.data.train_split] + ([cfg.data.eval_split] if t.eval_every > 0 else [])
+    missing = [s for s in splits if s not in dataset]
+    if missing:
+        raise UserError(f"the {stage} data {getattr(dataset, 'path', '')} has no split(s) {missing} (has "
+                        f"{sorted(dataset)}); set data.train_split / data.eval_split, or eval_every=0")
+
+
+def stage_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, split: str, *, shuffle: bool,
+                   num_epochs=None, decoder_start_id: int | None = None, whole_split: bool = False):
+    """The stage's batches of `split`: this process's shard, or with `whole_split` the same batches in every
+    process (read from the whole split, as a one-process run would). Fine-tuning batches start the decoder
+    with `decoder_start_id` (default </s>)."""
+    from bart_jax.data import finetune_batches, pretrain_batches
+
+    t = cfg.stage(stage).train
+    shard = dict(process_index=0, process_count=1) if whole_split else {}
+    if stage == "pretrain":
+        return pretrain_batches(dataset[split], tok, seq_len=t.source_length, batch_size=local_batch,
+                                seed=cfg.data.shuffle_seed, shuffle=shuffle, num_epochs=num_epochs,
+                                num_workers=cfg.data.num_workers, **shard)
+    # Bucketed shapes differ between processes, and a global batch needs the same local shape everywhere.
+    return finetune_batches(dataset[split], tok, max_source_len=t.source_length, max_target_len=t.target_length,
+                            batch_size=local_batch, seed=cfg.data.shuffle_seed, shuffle=shuffle,
+                            num_epochs=num_epochs, bucket=jax.process_count() == 1 or whole_split,
+                            num_workers=cfg.data.num_workers, decoder_start_id=decoder_start_id, **shard)
+
+
+def noise_batch_fns(cfg: RunConfig, tok):
+    """(train batch_fn, eval batch_fn) that noise {'tokens'} on device with keys from (seed, index)."""
+    from bart_jax import noise
+
+    overrides = dict(cfg.noise.overrides)
+    # The preset (or an override) says which tokens end sentences: fairseq's recipe splits at '.' only.
+    split = overrides.get("sentence_split", noise.noise_preset(cfg.noise.preset).sentence_split)
+    derived = dict(sentence_end_ids=tuple(tok.sentence_end_ids(split)), mask_id=tok.mask_id, pad_id=tok.pad_id,
+                   bos_id=tok.bos_id, eos_id=tok.eos_id)
+    noise_cfg = noise.noise_preset(cfg.noise.preset, **{**derived, **overrides})
+    word_starts = jnp.asarray(tok.word_start_table())
+    seed = cfg.pretrain.train.seed
+
+    def train_fn(batch, step):
+        return noise.denoising_batch(noise.noise_key(seed, step), batch["tokens"], word_starts, noise_cfg)
+
+    def eval_fn(batch, index):
+        return noise.denoising_batch(noise.noise_key(seed + EVAL_NOISE_SEED_OFFSET, index), batch["tokens"],
+                                     word_starts, noise_cfg)
+
+    return train_fn, eval_fn
+

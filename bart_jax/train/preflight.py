@@ -1,0 +1,54 @@
+"""The checks a run config gets before any work (tokenizer training, dataset build, directory creation),
+so a mistake costs a one-line error, not minutes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # the config module re-exports this check; no import cycle at run time
+    from bart_jax.train.config import RunConfig
+
+
+def check_run_config(cfg: RunConfig, stages: Sequence[str] = ("pretrain", "finetune")) -> None:
+    """Everything about a run config that can be checked without data: the model and noise presets
+    (building the BartConfig and the noise config, so unknown presets, fields and dtypes fail here),
+    sequence lengths against the model's positions, the mesh against the devices, batch sizes against the
+    mesh, and that the workdir can be written. Raises UserError; call it before any tokenizer training,
+    dataset build or directory creation."""
+    from bart_jax.errors import UserError, check_writable_dir
+
+    try:
+        model = cfg.model.bart_config()
+    except (ValueError, TypeError) as e:
+        raise UserError(f"model (preset {cfg.model.preset!r}): {e}") from None
+    try:
+        cfg.noise.noise_config()
+    except (ValueError, TypeError) as e:
+        raise UserError(f"noise (preset {cfg.noise.preset!r}): {e}") from None
+    for stage in stages:
+        s = cfg.stage(stage)
+        # A stage that starts from a foreign checkpoint takes its positions from there (checked on load).
+        if s.init_from and not s.init_from.startswith("run:"):
+            continue
+        fields = ("source_length",) if stage == "pretrain" else ("source_length", "target_length")
+        for f in fields:
+            if getattr(s.train, f) > model.max_position_embeddings:
+                raise UserError(f"{stage}.train.{f}={getattr(s.train, f)} exceeds the model's "
+                                f"max_position_embeddings={model.max_position_embeddings} (model.preset "
+                                f"{cfg.model.preset!r}); lower it or set model.max_position_embeddings")
+    if not cfg.distributed.enabled:  # jax.device_count() before jax.distributed.initialize would break it
+        import jax
+
+        from bart_jax.train import partitioning
+
+        try:
+            shape = partitioning.mesh_shape(cfg.mesh, jax.device_count())
+        except ValueError as e:
+            raise UserError(f"{e} (mesh.data/fsdp/tensor)") from None
+        shards = shape[0] * shape[1]
+        for stage in stages:
+            t = cfg.stage(stage).train
+            if t.batch_size % (t.micro_batches * shards):
+                raise UserError(f"{stage}.train.batch_size={t.batch_size} must be divisible by micro_batches "
+                                f"({t.micro_batches}) x the batch shards of the mesh (data x fsdp = {shards})")
+    check_writable_dir(cfg.workdir, "workdir")

@@ -1,0 +1,148 @@
+"""Everything a training stage holds before its first step, built top to bottom by `setup_stage`:
+tokenizer, mesh, the model's starting point, optimizer, abstract state and shardings, the state itself
+(restored or initialised on its shardings), the data iterator and the compiled steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+
+from bart_jax.config import BartConfig
+from bart_jax.train import checkpoint as ckpt_lib
+from bart_jax.train import optim, partitioning, resume
+from bart_jax.train.config import RunConfig, TrainConfig
+from bart_jax.train.inputs import (check_splits, load_or_train_tokenizer, noise_batch_fns, prepared_dataset,
+                                   stage_batches)
+from bart_jax.train.prior import target_log_prior, with_logits_bias
+from bart_jax.train.state import TrainState, boxed_abstract_params, init_train_state, state_shardings
+from bart_jax.train.step import (compile_eval_step, compile_train_step, identity_batch, make_eval_step,
+                                 make_train_step)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StageSetup:
+    """One stage, ready to train. `state` is the state to start from (restored when `resumed_from` is a
+    step); `train_batches` is this process's grain iterator, already at the resumed position;
+    `local_batch` its rows per step; `train_step(state, batch)` / `eval_step(params, batch, index)` are
+    compiled for `mesh`; `ckpt` manages `<run_dir>/checkpoints`."""
+
+    cfg: RunConfig
+    stage: str
+    run_dir: str
+    tokenizer: Any
+    tokenizer_dir: str
+    mesh: Mesh
+    model_config: BartConfig
+    shardings: TrainState
+    state: TrainState
+    resumed_from: int | None
+    ckpt: ckpt_lib.Checkpointer
+    dataset: Any
+    train_batches: Any
+    local_batch: int
+    train_step: Callable
+    eval_step: Callable
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.cfg.stage(self.stage).train
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.ckpt.directory
+
+    def checkpoint_config(self) -> dict:
+        """What each checkpoint stores beside the state (read back by `resume` and `init_from`)."""
+        return {"run": self.cfg.to_dict(), "stage": self.stage, "model_config": self.model_config.to_dict()}
+
+    def last_checkpoint(self) -> str:
+        """'step N in DIR' of the newest finished checkpoint (after pending saves)."""
+        self.ckpt.wait()
+        return f"step {self.ckpt.latest_step()} in {self.checkpoint_dir}"
+
+
+def setup_stage(cfg: RunConfig, stage: str, *, allow_config_change: bool = False) -> StageSetup:
+    """Build `stage` of `cfg` (see StageSetup). Resumes from the run's latest checkpoint; a resume whose
+    training settings changed is refused unless `allow_config_change` (`resume.check_resume_config`)."""
+    sc = cfg.stage(stage)
+    t = sc.train
+    run_dir = os.path.abspath(cfg.run_dir(stage))
+    tok, tokenizer_dir = load_or_train_tokenizer(cfg)
+    mesh = partitioning.make_mesh(cfg.mesh)
+    local_batch = _local_batch(stage, t, mesh)
+
+    ckpt = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.checkpoint)
+    resumed_from = ckpt.latest_step()
+    model_config, init = resume.starting_point(cfg, stage, ckpt, allow_config_change)
+    _check_model_fits(stage, t, model_config, tok)
+
+    boxed = boxed_abstract_params(model_config)
+    optimizer, schedule = optim.make_optimizer(sc.optimizer, sc.schedule, t.steps, nn.meta.unbox(boxed),
+                                               nn.get_partition_spec(boxed))
+    shardings, abstract = state_shardings(model_config, optimizer, mesh, boxed_params=boxed)
+
+    dataset = prepared_dataset(cfg, stage)
+    check_splits(cfg, stage, dataset)
+    train_batches = stage_batches(cfg, stage, tok, dataset, local_batch, cfg.data.train_split, shuffle=True,
+                                  decoder_start_id=model_config.decoder_start_token_id)
+    if resumed_from is not None:
+        state, _ = ckpt.restore(resumed_from, abstract, shardings, data_iterator=train_batches)
+        if jax.process_index() == 0:
+            print(f"{stage}: resumed from step {resumed_from} ({ckpt.directory})", flush=True)
+    else:
+        params = init(abstract.params, shardings.params)
+        state = init_train_state(model_config, optimizer, mesh, t.seed, shardings, abstract, params=params)
+        if params is None and sc.logits_bias_init == "target_prior":
+            state = _with_target_prior(cfg, stage, tok, dataset, model_config, state, shardings)
+
+    train_fn, eval_fn = noise_batch_fns(cfg, tok) if stage == "pretrain" else (identity_batch, identity_batch)
+    train_step = compile_train_step(
+        make_train_step(model_config, optimizer, schedule, micro_batches=t.micro_batches,
+                        label_smoothing=t.label_smoothing, label_smoothing_form=t.label_smoothing_form,
+                        batch_fn=train_fn, grad_shardings=shardings.params),
+        shardings, mesh)
+    eval_step = compile_eval_step(
+        make_eval_step(model_config, label_smoothing=t.label_smoothing, label_smoothing_form=t.label_smoothing_form,
+                       batch_fn=eval_fn), shardings.params, mesh)
+    return StageSetup(cfg=cfg, stage=stage, run_dir=run_dir, tokenizer=tok, tokenizer_dir=tokenizer_dir, mesh=mesh,
+                      model_config=model_config, shardings=shardings, state=state, resumed_from=resumed_from,
+                      ckpt=ckpt, dataset=dataset, train_batches=train_batches, local_batch=local_batch,
+                      train_step=train_step, eval_step=eval_step)
+
+
+def _with_target_prior(cfg: RunConfig, stage: str, tok, dataset, model_config: BartConfig, state: TrainState,
+                       shardings: TrainState) -> TrainState:
+    """A random init's state with `final_logits_bias` at the log prior of the stage's training targets, read
+    from the same first batches of the whole split in every process (see bart_jax.train.prior)."""
+    batches = stage_batches(cfg, stage, tok, dataset, 64, cfg.data.train_split, shuffle=True, num_epochs=1,
+                            decoder_start_id=model_config.decoder_start_token_id, whole_split=True)
+    log_prior = target_log_prior(batches, model_config.vocab_size, tok.pad_id, max_batches=32)
+    return with_logits_bias(state, log_prior, shardings.params["final_logits_bias"])
+
+
+def _local_batch(stage: str, t: TrainConfig, mesh: Mesh) -> int:
+    """This process's rows of each global batch (the batch must split over the mesh and the processes)."""
+    partitioning.check_batch_divisible(t.batch_size, t.micro_batches, mesh, f"{stage}.train.batch_size")
+    if t.batch_size % jax.process_count():
+        raise ValueError(f"{stage}.train.batch_size={t.batch_size} must divide evenly over "
+                         f"{jax.process_count()} processes")
+    return t.batch_size // jax.process_count()
+
+
+def _check_model_fits(stage: str, t: TrainConfig, model_config: BartConfig, tok) -> None:
+    """The tokenizer's ids and the stage's lengths must fit the model (which may come from a checkpoint)."""
+    if tok.vocab_size > model_config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size is "
+                         f"{model_config.vocab_size}; set model.vocab_size={tok.vocab_size}")
+    for field in ("source_length", "target_length"):
+        if getattr(t, field) > model_config.max_position_embeddings:
+            raise ValueError(f"{stage}.train.{field}={getattr(t, field)} exceeds the model's "
+                             f"max_position_embeddings={model_config.max_position_embeddings}")
