@@ -381,7 +381,7 @@ def test_full_stop_split_reproduces_fairseqs_sentences():
     row = [tok.bos_id, *sum(pieces, []), tok.eos_id]
     tokens = jnp.asarray(np.tile(np.asarray(row, np.int32), (64, 1)))
     for split, splits_at_bang in (("full_stop", False), ("punctuation", True)):
-        cfg = C.RunConfig(noise=C.NoiseSection(preset="sentence_shuffling", overrides=(("sentence_split", split),)))
+        cfg = C.RunConfig(noise=C.NoiseSection(preset="sentence_shuffling", sentence_split=split))
         train_fn, _ = noise_batch_fns(cfg, tok)
         source = np.asarray(train_fn({"tokens": tokens}, 0)["input_ids"])
         whole = [is_concatenation(list(out[1:-1]), [tuple(p) for p in pieces]) for out in source]
