@@ -18,6 +18,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # logits vocabulary-major (both tuned for XLA on CPU); "plain" keeps [.., positions, heads, head_dim] and a
 # plain logits product; "auto" picks "cpu" on the CPU backend and "plain" elsewhere (see `decode_layout_for`).
 DECODE_LAYOUTS = ("auto", "cpu", "plain")
+ATTENTION_IMPLEMENTATIONS = (None, "explicit", "xla", "cudnn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 
 
@@ -61,7 +62,9 @@ class BartConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan_layers: bool = True  # False unrolls the same scanned layer code (same parameter layout)
-    attention_implementation: str | None = None  # None | "xla" | "cudnn" for jax.nn.dot_product_attention
+    # Full (not cached) attention: "explicit" (written out), "xla"/"cudnn" (jax.nn.dot_product_attention),
+    # or None: "explicit" on the CPU backend, jax.nn.dot_product_attention's own choice elsewhere.
+    attention_implementation: str | None = None
     decode_layout: str = "auto"  # one of DECODE_LAYOUTS (the same model and results in each)
 
     def __post_init__(self):
@@ -95,8 +98,8 @@ class BartConfig:
             bad("layer_norm_eps", "must be positive")
         if self.decode_layout not in DECODE_LAYOUTS:
             bad("decode_layout", f"expected one of {DECODE_LAYOUTS}")
-        if self.attention_implementation not in (None, "xla", "cudnn"):
-            bad("attention_implementation", "expected None, 'xla' or 'cudnn'")
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            bad("attention_implementation", f"expected one of {ATTENTION_IMPLEMENTATIONS}")
         for f in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
             v = getattr(self, f)
             if not isinstance(v, int) or not (0 <= v < self.vocab_size):
@@ -122,6 +125,14 @@ class BartConfig:
         if self.decode_layout != "auto":
             return self.decode_layout
         return "cpu" if (backend or jax.default_backend()) == "cpu" else "plain"
+
+    def attention_implementation_for(self, backend: str | None = None) -> str:
+        """The full-attention path in force: "explicit", "xla", "cudnn", or "auto" (jax.nn.dot_product_attention
+        picks). None resolves by `backend` (default: the one being traced for): "explicit" on CPU, where the
+        written-out head-major form measured faster (bench/RESULTS.md), "auto" elsewhere."""
+        if self.attention_implementation is not None:
+            return self.attention_implementation
+        return "explicit" if (backend or jax.default_backend()) == "cpu" else "auto"
 
     def replace(self, **changes) -> "BartConfig":
         return dataclasses.replace(self, **changes)

@@ -31,7 +31,10 @@ import time
 # Shapes: name -> (preset, preset overrides, batch, source length, target length).
 SHAPES = {
     "tiny": ("tiny", {}, 16, 128, 128),
-    # the main job's default model: d 256 x 3+3 layers
+    # the main job's pretraining step (bart_jax/configs/tiny.yaml): d 128 x 3+3 layers, 4,096 pieces
+    "main": ("tiny", dict(vocab_size=4096, d_model=128, encoder_layers=3, decoder_layers=3, encoder_ffn_dim=512,
+                          decoder_ffn_dim=512, scan_layers=False), 32, 64, 64),
+    # a medium model: d 256 x 3+3 layers
     "d256x3": ("tiny", dict(d_model=256, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
                             decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
                             max_position_embeddings=512), 8, 256, 64),
@@ -39,7 +42,7 @@ SHAPES = {
     "bart-base": ("bart-base", {}, 4, 128, 128),
     "bart-large": ("bart-large", {}, 2, 128, 128),
 }
-DEFAULT_SHAPES = "d256x3,bart-base-512,bart-base"
+DEFAULT_SHAPES = "main,d256x3,bart-base-512,bart-base"
 
 # Peers run as `python -c SCRIPT config_json batch src_len tgt_len dtype steps warmup threads` and print
 # one JSON line. Both draw the batch the same way (torch.randint with seed 0, as ids in [4, vocab)).

@@ -96,14 +96,15 @@ def test_gradients_match_pytorch_float32(name):
     torch_names = sorted(k[len("grad_f64/"):] for k in ref if k.startswith("grad_f64/"))
     assert sorted(grads) == torch_names
     # Against PyTorch's float64 gradient, within a multiple of how far PyTorch's own float32 gradient is
-    # off: per tensor and model-wide (both measured by the fixture script). Measured: XLA's float32 sums
-    # (other blocking and fusion than PyTorch's) land up to ~9x the per-tensor and ~6x the model-wide
-    # spread on bart_default's sharply peaked decoder self-attention; a wrong gradient is off by ~|g|.
+    # off (per tensor and model-wide, both measured by the fixture script) plus 32 float32 roundings of
+    # the tensor's largest entry. XLA's float32 sums block and fuse differently from PyTorch's, and
+    # differently on each CPU: on bart_default's sharply peaked decoder self-attention they land ~9x
+    # (Intel AVX-512) to ~12x (AMD EPYC) PyTorch's own spread, ~2e-6 of max|g|; a wrong gradient is off by ~|g|.
     model_spread = max(float(ref[k]) for k in ref if k.startswith("spread32/"))
     for n in torch_names:
         g64, spread = ref[f"grad_f64/{n}"], float(ref[f"spread32/{n}"])
         err = float(np.max(np.abs(grads[n].astype(np.float64) - g64)))
-        tol = 8 * spread + 2 * model_spread
+        tol = 8 * spread + 2 * model_spread + 32 * 2.0 ** -24 * float(np.max(np.abs(g64)))
         assert err <= tol, f"{n}: max |bart_jax - torch fp64| {err:.3g} > {tol:.3g} (torch fp32 spread {spread:.3g})"
 
 

@@ -168,6 +168,37 @@ def test_unrolled_step_rejects_wrong_layer_count(cfg_params):
                     decoder_layer_params(cfg, params)[:1], method="decode_step")
 
 
+def test_attention_implementation_resolves_per_backend():
+    """None is the written-out head-major form on CPU and jax.nn.dot_product_attention's choice elsewhere."""
+    cfg = tiny()
+    assert cfg.attention_implementation is None
+    assert [cfg.attention_implementation_for(b) for b in ("cpu", "gpu", "tpu")] == ["explicit", "auto", "auto"]
+    for impl in ("explicit", "xla"):
+        assert {cfg.replace(attention_implementation=impl).attention_implementation_for(b)
+                for b in ("cpu", "gpu")} == {impl}
+
+
+def test_explicit_and_jax_attention_agree_with_padding(cfg_params):
+    """Both full-attention paths give the same logits (fully padded rows included) and the same gradients
+    through real rows (a fully padded row, which carries no loss in training, is excluded: its output is
+    uniform attention over nothing, and only the masked `where` stops its gradient)."""
+    cfg, params = cfg_params
+    ids = jnp.array([[0, 5, 6, 7, 8, 2, 1, 1], [0, 9, 10, 2, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+    dec = jnp.array([[2, 0, 5, 6], [2, 0, 9, 1], [2, 1, 1, 1]], jnp.int32)
+
+    def loss(p, impl):
+        logits = Bart(cfg.replace(attention_implementation=impl)).apply(
+            {"params": p}, ids, (ids != 1).astype(jnp.int32), dec, (dec != 1).astype(jnp.int32))
+        real_rows = jnp.any(ids != 1, axis=1)[:, None, None]
+        return jnp.sum(jnp.where(real_rows, jnp.sin(logits), 0.0)), logits
+
+    (_, a), ga = jax.value_and_grad(loss, has_aux=True)(params, "explicit")
+    (_, b), gb = jax.value_and_grad(loss, has_aux=True)(params, "xla")
+    chex.assert_tree_all_finite(a)
+    chex.assert_trees_all_close(a, b, atol=1e-5)
+    chex.assert_trees_all_close(ga, gb, atol=1e-4, rtol=1e-4)
+
+
 def test_padding_does_not_change_real_positions(cfg_params):
     cfg, params = cfg_params
     model = Bart(cfg)

@@ -137,10 +137,12 @@ def cuda_lowering():
     from bart_jax.train.state import state_shardings
     from bart_jax.train.step import compile_train_step, make_train_step
 
+    # The per-backend attention default resolves by the backend traced on (this CPU): pin the GPU's path.
+    model = MODEL.replace(attention_implementation="xla")
     mesh = partitioning.make_mesh(C.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    optimizer, schedule = aot.lamb(MODEL)
-    shardings, abstract = state_shardings(MODEL, optimizer, mesh)
-    step = compile_train_step(make_train_step(MODEL, optimizer, schedule, micro_batches=2,
+    optimizer, schedule = aot.lamb(model)
+    shardings, abstract = state_shardings(model, optimizer, mesh)
+    step = compile_train_step(make_train_step(model, optimizer, schedule, micro_batches=2,
                                               grad_shardings=shardings.params), shardings, mesh)
     lowered = step.trace(abstract, aot.abstract_batch(aot.StepShape(4, 16, 16, 2))).lower(
         lowering_platforms=("cuda",))

@@ -74,19 +74,47 @@ def explicit_attention(q, k, v, mask, k_layout: str = "bsnh", v_layout: str = "b
     return jnp.einsum(f"bnts,{v_layout}->btnh", probs.astype(v.dtype), v)
 
 
-def dot_product_attention(q, k, v, mask, config: BartConfig, deterministic: bool, dropout_module=None):
-    """softmax(q k^T / sqrt(H) masked) v.
+def attention_bias(mask, dtype):
+    """bool mask (True = attend) -> additive logits bias of the same shape: 0 where attended, MASK_VALUE elsewhere.
+
+    Added to the logits instead of a `where` over them: the bias stays at the mask's own (broadcast) shape,
+    and the add fuses into the softmax."""
+    return jnp.where(mask, 0.0, MASK_VALUE).astype(dtype)
+
+
+def head_major_attention(q, k, v, mask, dropout_module=None):
+    """softmax(q k^T / sqrt(H) + bias(mask)) v with heads moved next to batch before the two products.
 
     q: [B, T, N, H]; k, v: [B, S, N, H]; mask: bool broadcastable to [B, N, T, S] (True = attend).
-    Returns [B, T, N, H]. Goes through `jax.nn.dot_product_attention` (so XLA may pick cuDNN's fused
-    kernel on GPU) unless attention dropout is active, which that API does not offer.
+    Returns [B, T, N, H]; the logits are scaled after the product, as the reference does, and the softmax
+    is in float32 (or float64). On XLA's CPU backend the [B, N, T, H]
+    operands make plain batched matmuls, where the [B, T, N, H] form went through transposing copies.
+    """
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    scale = q.shape[-1] ** -0.5
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=logits_dtype) * scale
+    probs = jax.nn.softmax(logits + attention_bias(mask, logits_dtype), axis=-1)
+    if dropout_module is not None:
+        probs = dropout_module(probs, deterministic=False)
+    return jnp.einsum("bnts,bnsh->bnth", probs.astype(v.dtype), v).transpose(0, 2, 1, 3)
+
+
+def dot_product_attention(q, k, v, mask, config: BartConfig, deterministic: bool, dropout_module=None):
+    """softmax(q k^T / sqrt(H) masked) v over full (not cached) keys and values.
+
+    q: [B, T, N, H]; k, v: [B, S, N, H]; mask: bool broadcastable to [B, N, T, S] (True = attend).
+    Returns [B, T, N, H]. `config.attention_implementation_for()` picks the path: "explicit" writes it
+    out (`head_major_attention`, with attention dropout when active); "xla" or "cudnn" go through
+    `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU), which has no attention dropout and
+    takes its softmax in float32, so dropout and float64 (exactness checks) always take the explicit path.
     """
     dropout = config.attention_dropout > 0.0 and not deterministic
-    # jax.nn.dot_product_attention takes its softmax in float32; float64 (used to verify exactness) and
-    # attention dropout go through the explicit path.
-    if dropout or q.dtype == jnp.float64:
-        return explicit_attention(q, k, v, mask, dropout_module=dropout_module if dropout else None)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=config.attention_implementation)
+    implementation = config.attention_implementation_for()
+    if dropout or q.dtype == jnp.float64 or implementation == "explicit":
+        return head_major_attention(q, k, v, mask, dropout_module=dropout_module if dropout else None)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if implementation == "auto"
+                                        else implementation)
 
 
 class Projection(nn.Module):
