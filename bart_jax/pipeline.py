@@ -7,8 +7,8 @@ baseline (the document's first sentence), so the printout shows whether pretrain
     bart-jax run --quick                  # a smoke-sized run (< 2 minutes), used by the test suite
     bart-jax run --config base --workdir runs/base mesh.fsdp=8 ...   # same job, bigger config
 
-`run_main_job` reports its progress to a `JobProgress` (by default: log lines); `bart-jax run`
-(bart_jax.cli.run) prints it and the results.
+`run_main_job` reports its progress (its training stages' too) to a `JobProgress` (by default: log lines);
+`bart-jax run` (bart_jax.cli.run) prints it and the results.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import logging
 import os
 import time
 from typing import Sequence
+
+from bart_jax.train.progress import StageReporter
 
 DEFAULT_CONFIG = "tiny"  # bundled in bart_jax/configs (package data), so a wheel install runs it too
 
@@ -56,8 +58,9 @@ class JobResult:
     seconds: float
 
 
-class JobProgress:
-    """What the main job reports while it runs. This default logs each event; `bart-jax run` prints them."""
+class JobProgress(StageReporter):
+    """What the main job reports while it runs, its training stages' events included (`StageReporter`).
+    This default logs each event; `bart-jax run` prints them."""
 
     def started(self, config_name: str, workdir: str) -> None:
         logger.info("main job: config %s, run directory %s", config_name, workdir)
@@ -171,14 +174,14 @@ def _run_main_job(cfg, config_name: str, quick: bool, batch_size: int, allow_con
     tok, tokenizer_dir = load_or_train_tokenizer(cfg)
     progress.tokenizer_ready(tok.vocab_size, tokenizer_dir)
     progress.stage(2, "denoising pretraining")
-    pre = pretrain(cfg, allow_config_change=allow_config_change)
+    pre = pretrain(cfg, allow_config_change=allow_config_change, reporter=progress)
     denoiser = evaluate_denoiser(cfg, pre.model_dir, num_batches=2 if quick else 8)
     progress.denoiser_measured(denoiser)
     progress.stage(3, "fine-tuning from the pretrained model")
-    fine = finetune(cfg, allow_config_change=allow_config_change)
+    fine = finetune(cfg, allow_config_change=allow_config_change, reporter=progress)
     progress.stage(4, "fine-tuning from random initialisation (same budget, for comparison)")
     scratch_cfg = apply_overrides(cfg, ["finetune.init_from=null", f"finetune.run_name={SCRATCH_RUN}"])
-    scratch = finetune(scratch_cfg, allow_config_change=allow_config_change)
+    scratch = finetune(scratch_cfg, allow_config_change=allow_config_change, reporter=progress)
 
     progress.stage(5, "beam search on the test split and ROUGE")
     pairs = split_pairs(cfg, "test", QUICK_TEST_PAIRS if quick else None)

@@ -9,6 +9,7 @@ import json
 import time
 from typing import Sequence
 
+from bart_jax.cli.train import PrintedStageReporter
 from bart_jax.pipeline import DEFAULT_CONFIG, SCRATCH_RUN, STAGES, JobProgress, JobResult, run_main_job
 
 EXAMPLES = 3  # test examples shown at the end
@@ -18,8 +19,8 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
 
 
-class PrintedProgress(JobProgress):
-    """The main job's progress on stdout."""
+class PrintedProgress(PrintedStageReporter, JobProgress):
+    """The main job's progress on stdout, its training stages' lines included."""
 
     def started(self, config_name: str, workdir: str) -> None:
         print(f"bart_jax main job: config {config_name}, run directory {workdir}")

@@ -11,8 +11,19 @@ import jax
 from bart_jax.train.config import load_config
 from bart_jax.train.preflight import check_run_config
 from bart_jax.train.loop import run_stage
-from bart_jax.train.progress import TrainingDiverged
+from bart_jax.train.progress import StageReporter, TrainingDiverged
 from bart_jax.train.resume import ALLOW_CONFIG_CHANGE_HELP
+
+
+class PrintedStageReporter(StageReporter):
+    """A training stage's resume and step lines on stdout (the steps only when its progress bar is off)."""
+
+    def resumed(self, stage: str, step: int, directory: str) -> None:
+        print(f"{stage}: resumed from step {step} ({directory})", flush=True)
+
+    def step(self, stage: str, step_no: int, metrics: dict[str, float], speed: dict[str, float]) -> None:
+        print(f"{stage} step {step_no}: loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.3e} "
+              f"tok/s {speed['tokens_per_s']:.0f} mfu {100 * speed['mfu']:.1f}%", flush=True)
 
 
 def cli_pretrain(argv: list[str]) -> int:
@@ -37,7 +48,8 @@ def _cli(stage: str, argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides, args.variant)
     check_run_config(cfg, (stage,))
     try:
-        result = run_stage(cfg, stage, allow_config_change=args.allow_config_change)
+        result = run_stage(cfg, stage, allow_config_change=args.allow_config_change,
+                           reporter=PrintedStageReporter())
     except TrainingDiverged as e:
         print(f"bart-jax {stage}: {e}", file=sys.stderr)
         return 1

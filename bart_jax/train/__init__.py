@@ -25,6 +25,7 @@ _LAZY = {
     "run_stage": "bart_jax.train.loop",
     "TrainResult": "bart_jax.train.loop",
     "TrainingDiverged": "bart_jax.train.progress",
+    "StageReporter": "bart_jax.train.progress",
     "TrainState": "bart_jax.train.state",
     "Checkpointer": "bart_jax.train.checkpoint",
 }

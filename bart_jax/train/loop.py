@@ -31,15 +31,15 @@ from bart_jax.train.config import RunConfig
 from bart_jax.train.preflight import check_run_config
 from bart_jax.train.inputs import (EVAL_NOISE_SEED_OFFSET, TOKENIZER_PROVENANCE_FILE, as_text,  # noqa: F401
                                    load_or_train_tokenizer, noise_batch_fns, prepared_dataset, stage_batches)
-from bart_jax.train.progress import Progress, TrainingDiverged, global_shape
+from bart_jax.train.progress import Progress, StageReporter, TrainingDiverged, global_shape
 from bart_jax.train.resume import (ALLOW_CONFIG_CHANGE_HELP, ARCH_NEUTRAL_FIELDS, RESUME_CHECKED_KEYS,  # noqa: F401
                                    check_resume_config, model_config_and_init, resolve_init_from,
                                    resume_config_changes)
 from bart_jax.train.setup import StageSetup, setup_stage
 from bart_jax.train.step import summarize_eval
 
-__all__ = ["TrainResult", "TrainingDiverged", "Interrupted", "pretrain", "finetune", "run_stage", "train_loop",
-           "finalise", "load_or_train_tokenizer", "prepared_dataset", "stage_batches", "noise_batch_fns",
+__all__ = ["TrainResult", "TrainingDiverged", "Interrupted", "StageReporter", "pretrain", "finetune", "run_stage",
+           "train_loop", "finalise", "load_or_train_tokenizer", "prepared_dataset", "stage_batches", "noise_batch_fns",
            "model_config_and_init", "resume_config_changes", "check_resume_config", "RESUME_CHECKED_KEYS",
            "ALLOW_CONFIG_CHANGE_HELP", "TOKENIZER_PROVENANCE_FILE"]
 
@@ -72,27 +72,33 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------ entry points
-def pretrain(cfg: RunConfig, *, stop_at_step: int | None = None, allow_config_change: bool = False) -> TrainResult:
+def pretrain(cfg: RunConfig, *, stop_at_step: int | None = None, allow_config_change: bool = False,
+             reporter: StageReporter | None = None) -> TrainResult:
     """Denoising pretraining: clean {'tokens'} batches are noised on device inside the train step.
 
     stop_at_step: return once the global step reaches this value without writing a final checkpoint
     (what a preempted job leaves behind); rerunning resumes from the last checkpoint.
     allow_config_change: resume even when training settings (`RESUME_CHECKED_KEYS`) differ from the
     checkpoint's, logging what changed; otherwise that is a ValueError.
+    reporter: told about the resume and the settled steps (default: `StageReporter`, which logs).
     """
-    return run_stage(cfg, "pretrain", stop_at_step=stop_at_step, allow_config_change=allow_config_change)
+    return run_stage(cfg, "pretrain", stop_at_step=stop_at_step, allow_config_change=allow_config_change,
+                     reporter=reporter)
 
 
-def finetune(cfg: RunConfig, *, stop_at_step: int | None = None, allow_config_change: bool = False) -> TrainResult:
+def finetune(cfg: RunConfig, *, stop_at_step: int | None = None, allow_config_change: bool = False,
+             reporter: StageReporter | None = None) -> TrainResult:
     """Fine-tuning on document -> summary pairs, initialised from `cfg.finetune.init_from` (arguments as
     for `pretrain`)."""
-    return run_stage(cfg, "finetune", stop_at_step=stop_at_step, allow_config_change=allow_config_change)
+    return run_stage(cfg, "finetune", stop_at_step=stop_at_step, allow_config_change=allow_config_change,
+                     reporter=reporter)
 
 
 def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
-              allow_config_change: bool = False) -> TrainResult:
+              allow_config_change: bool = False, reporter: StageReporter | None = None) -> TrainResult:
     """Train `stage` ('pretrain' | 'finetune') as configured, resuming from the run's latest checkpoint
     (refused when training settings changed, unless `allow_config_change`; see `check_resume_config`).
+    `reporter` is told about the resume and the settled steps (default: `StageReporter`, which logs).
 
     The config is checked first (before any tokenizer, dataset or directory work) and the workdir is
     locked for the whole stage. SIGINT / SIGTERM stop the loop at a step boundary, save a checkpoint of
@@ -105,10 +111,11 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
 
     # One process per run directory (on a multi-host run, process 0 holds it for all of them).
     lock = run_directory_lock(cfg.workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    reporter = reporter or StageReporter()
     with lock:
         try:
-            setup = setup_stage(cfg, stage, allow_config_change=allow_config_change)
-            state, losses, eval_metrics = train_loop(setup, stop_at_step=stop_at_step)
+            setup = setup_stage(cfg, stage, allow_config_change=allow_config_change, reporter=reporter)
+            state, losses, eval_metrics = train_loop(setup, stop_at_step=stop_at_step, reporter=reporter)
             return finalise(setup, state, losses, eval_metrics)
         except BaseException:
             ckpt_lib.close_all()  # no orbax thread may outlive a failed stage (it would print after the error)
@@ -124,16 +131,18 @@ def initialize_distributed(cfg: RunConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the loop
-def train_loop(s: StageSetup, *, stop_at_step: int | None = None):
+def train_loop(s: StageSetup, *, stop_at_step: int | None = None, reporter: StageReporter | None = None):
     """Steps from `s.state` to the last step (or `stop_at_step`): validation every `eval_every` steps and
     at the end, checkpoints every `checkpoint_every` steps and at the end. Returns (state, losses of the
-    steps run, last validation metrics). On SIGINT / SIGTERM: checkpoint the step reached, raise Interrupted."""
+    steps run, last validation metrics). On SIGINT / SIGTERM: checkpoint the step reached, raise Interrupted.
+    `reporter` (default: `StageReporter`, which logs) is told about settled steps when the bar is off."""
     from bart_jax.data import to_global_batch
 
     t = s.train
     start = int(jax.device_get(s.state.step))
     end = t.steps if stop_at_step is None else min(t.steps, stop_at_step)
-    progress = Progress(s.stage, t, s.model_config, _peak_flops(s.model_config, t), s.run_dir, start, end)
+    progress = Progress(s.stage, t, s.model_config, _peak_flops(s.model_config, t), s.run_dir, start, end,
+                        reporter or StageReporter())
     batch_sharding = partitioning.batch_sharding(s.mesh)
     state, eval_metrics = s.state, {}
     pending = None  # (step number, device metrics, shape): read one step late to keep dispatch async

@@ -1,9 +1,10 @@
 """What a running stage reports: each step's metrics brought to the host one step late (so dispatch stays
-asynchronous), recorded, shown (progress bar or one line per `log_every` steps), written to TensorBoard,
-with throughput and MFU, and the stop on repeated non-finite steps."""
+asynchronous), recorded, shown (progress bar, or one `StageReporter.step` event per `log_every` steps),
+written to TensorBoard, with throughput and MFU, and the stop on repeated non-finite steps."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -12,9 +13,27 @@ import jax
 from bart_jax.config import BartConfig
 from bart_jax.train import flops as flops_lib
 
+logger = logging.getLogger(__name__)
+
 
 class TrainingDiverged(RuntimeError):
     """Raised when `max_nonfinite` consecutive steps had a NaN/inf loss or gradient."""
+
+
+class StageReporter:
+    """What a training stage tells its caller, on the main process only. This default logs each event;
+    `bart-jax pretrain|finetune|run` (bart_jax.cli.train.PrintedStageReporter) prints them."""
+
+    def resumed(self, stage: str, step: int, directory: str) -> None:
+        """The stage restored its state from checkpoint `step` in `directory`."""
+        logger.info("%s: resumed from step %d (%s)", stage, step, directory)
+
+    def step(self, stage: str, step_no: int, metrics: dict[str, float], speed: dict[str, float]) -> None:
+        """Step `step_no` settled (every `log_every` steps and the last; only when the progress bar is off,
+        since the bar shows them). metrics: the step's host floats (`loss`, `learning_rate`, ...);
+        speed: `tokens_per_s` and `mfu` since the previous event."""
+        logger.info("%s step %d: loss %.4f lr %.3e tok/s %.0f mfu %.1f%%", stage, step_no, metrics["loss"],
+                    metrics["learning_rate"], speed["tokens_per_s"], 100 * speed["mfu"])
 
 
 class _Meter:
@@ -46,11 +65,12 @@ def global_shape(local: dict, stage: str) -> tuple[int, int, int]:
 
 class Progress:
     """The reporting of one stage's steps `start`..`end` (`train`: its TrainConfig; `peak`: the peak FLOP/s
-    of all devices, for MFU). `losses` holds every settled step's training loss, in order."""
+    of all devices, for MFU; `reporter`: told about settled steps when the bar is off). `losses` holds every
+    settled step's training loss, in order."""
 
     def __init__(self, stage: str, train, model_config: BartConfig, peak: float, run_dir: str, start: int,
-                 end: int):
-        self.stage, self.train, self.end = stage, train, end
+                 end: int, reporter: StageReporter):
+        self.stage, self.train, self.end, self.reporter = stage, train, end, reporter
         self.losses: list[float] = []
         self.meter = _Meter(model_config, peak)
         self.main_process = jax.process_index() == 0
@@ -92,8 +112,7 @@ class Progress:
             self.writer.add_scalar("train/mfu", speed["mfu"], step_no)
             self.writer.add_scalar("train/skipped_total", m["nonfinite_total"], step_no)
         if self.bar is None and self.main_process:
-            print(f"{self.stage} step {step_no}: loss {m['loss']:.4f} lr {m['learning_rate']:.3e} "
-                  f"tok/s {speed['tokens_per_s']:.0f} mfu {100 * speed['mfu']:.1f}%", flush=True)
+            self.reporter.step(self.stage, step_no, m, speed)
 
     def show_eval(self, step_no: int, metrics: dict[str, float]) -> None:
         if self.writer is not None:

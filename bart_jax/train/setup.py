@@ -20,6 +20,7 @@ from bart_jax.train.config import RunConfig, TrainConfig
 from bart_jax.train.inputs import (check_splits, load_or_train_tokenizer, noise_batch_fns, prepared_dataset,
                                    stage_batches)
 from bart_jax.train.prior import target_log_prior, with_logits_bias
+from bart_jax.train.progress import StageReporter
 from bart_jax.train.state import TrainState, boxed_abstract_params, init_train_state, state_shardings
 from bart_jax.train.step import (compile_eval_step, compile_train_step, identity_batch, make_eval_step,
                                  make_train_step)
@@ -69,9 +70,11 @@ class StageSetup:
         return f"step {self.ckpt.latest_step()} in {self.checkpoint_dir}"
 
 
-def setup_stage(cfg: RunConfig, stage: str, *, allow_config_change: bool = False) -> StageSetup:
-    """Build `stage` of `cfg` (see StageSetup). Resumes from the run's latest checkpoint; a resume whose
-    training settings changed is refused unless `allow_config_change` (`resume.check_resume_config`)."""
+def setup_stage(cfg: RunConfig, stage: str, *, allow_config_change: bool = False,
+                reporter: StageReporter | None = None) -> StageSetup:
+    """Build `stage` of `cfg` (see StageSetup). Resumes from the run's latest checkpoint (and tells
+    `reporter`, default: a log line); a resume whose training settings changed is refused unless
+    `allow_config_change` (`resume.check_resume_config`)."""
     sc = cfg.stage(stage)
     t = sc.train
     run_dir = os.path.abspath(cfg.run_dir(stage))
@@ -96,7 +99,7 @@ def setup_stage(cfg: RunConfig, stage: str, *, allow_config_change: bool = False
     if resumed_from is not None:
         state, _ = ckpt.restore(resumed_from, abstract, shardings, data_iterator=train_batches)
         if jax.process_index() == 0:
-            print(f"{stage}: resumed from step {resumed_from} ({ckpt.directory})", flush=True)
+            (reporter or StageReporter()).resumed(stage, resumed_from, ckpt.directory)
     else:
         params = init(abstract.params, shardings.params)
         state = init_train_state(model_config, optimizer, mesh, t.seed, shardings, abstract, params=params)
