@@ -88,6 +88,57 @@ def _split_micro(batch: dict, micro_batches: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def accumulate(micro_grads, micro: dict, step_key, params, constrain):
+    """Sum `micro_grads(batch, key) -> (grads, loss, nll, correct)` over micro-batches in a scan.
+
+    micro: the model batch split as [M, B/M, ...] (`_split_micro`); micro-batch i draws its dropout from
+    fold_in(step_key, i). The float32 gradient carry is pinned by `constrain` (FSDP accumulates shards).
+    """
+    def body(carry, xs):
+        acc, loss_acc, nll_acc, corr_acc = carry
+        i, mb = xs
+        g, loss, nll, correct = micro_grads(mb, jax.random.fold_in(step_key, i))
+        acc = constrain(jax.tree.map(jnp.add, acc, g))
+        return (acc, loss_acc + loss, nll_acc + nll, corr_acc + correct), None
+
+    zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    scalar = jnp.zeros((), jnp.float32)
+    num_micro = jax.tree.leaves(micro)[0].shape[0]
+    (grads, loss, nll, correct), _ = jax.lax.scan(body, (zeros, scalar, scalar, scalar),
+                                                  (jnp.arange(num_micro), micro))
+    return grads, loss, nll, correct
+
+
+def guarded_update(state: TrainState, grads, loss, total_tokens, optimizer: optax.GradientTransformation):
+    """One optimizer update, applied only when the loss and gradient norm are finite and the batch has tokens.
+
+    A non-finite step leaves params/opt_state unchanged and bumps `nonfinite_streak` / `nonfinite_total`;
+    any finite step resets the streak. Returns (new state with step + 1, metrics {grad_norm, skipped,
+    nonfinite_streak, nonfinite_total}).
+    """
+    # Frozen leaves (final_logits_bias, a buffer in Hugging Face) have no gradient: the reported norm
+    # and the non-finite guard see what PyTorch would.
+    grads = zero_frozen(grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = finite & (total_tokens > 0)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    def pick(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32)
+    total_bad = (state.nonfinite_total + jnp.where(finite, 0, 1)).astype(jnp.int32)
+    new_state = state.replace(
+        step=state.step + 1, updates=state.updates + apply.astype(jnp.int32),
+        params=pick(new_params, state.params), opt_state=pick(new_opt, state.opt_state),
+        nonfinite_streak=streak, nonfinite_total=total_bad)
+    return new_state, {"grad_norm": grad_norm, "skipped": (~apply).astype(jnp.int32),
+                       "nonfinite_streak": streak, "nonfinite_total": total_bad}
+
+
 def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, micro_batches: int = 1, label_smoothing: float = 0.1,
                     label_smoothing_form: str = "all_classes", batch_fn: BatchFn = identity_batch,
@@ -140,45 +191,12 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
         if micro_batches == 1:
             grads, loss, nll, correct = micro_grads(full, step_key)
         else:
-            micro = _split_micro(full, micro_batches)
+            grads, loss, nll, correct = accumulate(micro_grads, _split_micro(full, micro_batches), step_key,
+                                                   state.params, constrain)
 
-            def body(carry, xs):
-                acc, loss_acc, nll_acc, corr_acc = carry
-                i, mb = xs
-                g, loss, nll, correct = micro_grads(mb, jax.random.fold_in(step_key, i))
-                acc = constrain(jax.tree.map(jnp.add, acc, g))
-                return (acc, loss_acc + loss, nll_acc + nll, corr_acc + correct), None
-
-            zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-            (grads, loss, nll, correct), _ = jax.lax.scan(
-                body, init, (jnp.arange(micro_batches), micro))
-
-        # Frozen leaves (final_logits_bias, a buffer in Hugging Face) have no gradient: the reported norm
-        # and the non-finite guard see what PyTorch would.
-        grads = zero_frozen(grads)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        apply = finite & (total_tokens > 0)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-
-        def pick(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
-
-        streak = jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32)
-        total_bad = (state.nonfinite_total + jnp.where(finite, 0, 1)).astype(jnp.int32)
-        new_state = state.replace(
-            step=state.step + 1, updates=state.updates + apply.astype(jnp.int32),
-            params=pick(new_params, state.params), opt_state=pick(new_opt, state.opt_state),
-            nonfinite_streak=streak, nonfinite_total=total_bad)
-        metrics = {
-            "loss": loss, "nll": nll / denom,
-            "accuracy": correct / denom, "tokens": total_tokens, "grad_norm": grad_norm,
-            "learning_rate": jnp.asarray(schedule(state.updates), jnp.float32),
-            "skipped": (~apply).astype(jnp.int32), "nonfinite_streak": streak, "nonfinite_total": total_bad,
-        }
+        new_state, update_metrics = guarded_update(state, grads, loss, total_tokens, optimizer)
+        metrics = {"loss": loss, "nll": nll / denom, "accuracy": correct / denom, "tokens": total_tokens,
+                   "learning_rate": jnp.asarray(schedule(state.updates), jnp.float32), **update_metrics}
         return new_state, metrics
 
     return train_step
