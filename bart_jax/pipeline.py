@@ -103,7 +103,7 @@ def evaluate_denoiser(cfg, model_dir: str, num_batches: int):
     tok = load_tokenizer(model_dir)
     batches = stage_batches(cfg, "pretrain", tok, prepared_dataset(cfg, "pretrain"), cfg.pretrain.train.batch_size,
                             cfg.data.eval_split, shuffle=False)
-    _, eval_noise = noise_batch_fns(cfg, tok)
+    _, eval_noise = noise_batch_fns(cfg, tok, config.decoder_start_token_id)
     return measure_denoiser(config, params, tok, batches, eval_noise, num_batches)
 
 

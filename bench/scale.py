@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from bart_jax.train.flops import datasheet_peaks
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -64,7 +66,8 @@ LAYOUTS = {
 }
 
 ASSUMPTIONS = {
-    "peak_bf16_flops_per_gpu": 989e12,  # H100 SXM / H200 dense bf16 (NVIDIA datasheet)
+    # H100 SXM / H200 dense bf16, from the one datasheet table (bart_jax.train.flops)
+    "peak_bf16_flops_per_gpu": datasheet_peaks("H100")["bfloat16"] * 1e12,
     "assumed_mfu": 0.40,  # model FLOPs utilisation assumed for the compute time
     "nvlink_bytes_per_s": 450e9,  # NVLink 4, per GPU per direction (900 GB/s bidirectional)
     "infiniband_bytes_per_s": 50e9,  # NDR 400 Gb/s, one NIC per GPU

@@ -382,8 +382,11 @@ def test_full_stop_split_reproduces_fairseqs_sentences():
     tokens = jnp.asarray(np.tile(np.asarray(row, np.int32), (64, 1)))
     for split, splits_at_bang in (("full_stop", False), ("punctuation", True)):
         cfg = C.RunConfig(noise=C.NoiseSection(preset="sentence_shuffling", sentence_split=split))
-        train_fn, _ = noise_batch_fns(cfg, tok)
-        source = np.asarray(train_fn({"tokens": tokens}, 0)["input_ids"])
+        # A decoder start other than </s> (the model's decoder_start_token_id) reaches the decoder inputs.
+        train_fn, _ = noise_batch_fns(cfg, tok, tok.bos_id)
+        out_batch = train_fn({"tokens": tokens}, 0)
+        assert tok.bos_id != tok.eos_id and np.all(np.asarray(out_batch["decoder_input_ids"])[:, 0] == tok.bos_id)
+        source = np.asarray(out_batch["input_ids"])
         whole = [is_concatenation(list(out[1:-1]), [tuple(p) for p in pieces]) for out in source]
         assert sum(not np.array_equal(out, row) for out in source) > 16
         assert all(whole) != splits_at_bang

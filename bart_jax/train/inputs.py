@@ -141,15 +141,16 @@ def stage_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, sp
                             num_workers=cfg.data.num_workers, decoder_start_id=decoder_start_id, **shard)
 
 
-def noise_batch_fns(cfg: RunConfig, tok):
-    """(train batch_fn, eval batch_fn) that noise {'tokens'} on device with keys from (seed, index)."""
+def noise_batch_fns(cfg: RunConfig, tok, decoder_start_id: int):
+    """(train batch_fn, eval batch_fn) that noise {'tokens'} on device with keys from (seed, index); the
+    decoder inputs start with `decoder_start_id` (the model's decoder_start_token_id), as fine-tuning's do."""
     from bart_jax import noise
 
     overrides = dict(cfg.noise.overrides)
     # The preset (or an override) says which tokens end sentences: fairseq's recipe splits at '.' only.
     split = overrides.get("sentence_split", noise.noise_preset(cfg.noise.preset).sentence_split)
     derived = dict(sentence_end_ids=tuple(tok.sentence_end_ids(split)), mask_id=tok.mask_id, pad_id=tok.pad_id,
-                   bos_id=tok.bos_id, eos_id=tok.eos_id)
+                   bos_id=tok.bos_id, eos_id=tok.eos_id, decoder_start_id=decoder_start_id)
     noise_cfg = noise.noise_preset(cfg.noise.preset, **{**derived, **overrides})
     word_starts = jnp.asarray(tok.word_start_table())
     seed = cfg.pretrain.train.seed
