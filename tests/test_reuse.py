@@ -137,7 +137,9 @@ def test_allow_config_change_flag_reaches_the_training_functions(monkeypatch):
     monkeypatch.setattr(cli_train, "run_stage", lambda cfg, stage, **kw: seen.append((stage, kw)) or _Done())
     assert cli_train.cli_pretrain(["--config", "tiny", "--allow-config-change"]) == 0
     assert cli_train.cli_finetune(["--config", "tiny"]) == 0
-    assert seen == [("pretrain", {"allow_config_change": True}), ("finetune", {"allow_config_change": False})]
+    assert [(stage, kw["allow_config_change"]) for stage, kw in seen] == [("pretrain", True), ("finetune", False)]
+    # and the CLI's stages print their resume/step lines through its reporter
+    assert all(isinstance(kw["reporter"], cli_train.PrintedStageReporter) for _, kw in seen)
     calls = []
     monkeypatch.setattr(run_cli, "run_and_print", lambda *a, **kw: calls.append(kw))
     assert run_cli.cli_run(["--allow-config-change", "--quick"]) == 0
