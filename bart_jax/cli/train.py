@@ -11,7 +11,7 @@ import jax
 from bart_jax.train.config import load_config
 from bart_jax.train.preflight import check_run_config
 from bart_jax.train.loop import run_stage
-from bart_jax.train.progress import StageReporter, TrainingDiverged
+from bart_jax.train.progress import StageReporter, TrainingDiverged, resumed_line, step_line
 from bart_jax.train.resume import ALLOW_CONFIG_CHANGE_HELP
 
 
@@ -19,11 +19,10 @@ class PrintedStageReporter(StageReporter):
     """A training stage's resume and step lines on stdout (the steps only when its progress bar is off)."""
 
     def resumed(self, stage: str, step: int, directory: str) -> None:
-        print(f"{stage}: resumed from step {step} ({directory})", flush=True)
+        print(resumed_line(stage, step, directory), flush=True)
 
     def step(self, stage: str, step_no: int, metrics: dict[str, float], speed: dict[str, float]) -> None:
-        print(f"{stage} step {step_no}: loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.3e} "
-              f"tok/s {speed['tokens_per_s']:.0f} mfu {100 * speed['mfu']:.1f}%", flush=True)
+        print(step_line(stage, step_no, metrics, speed), flush=True)
 
 
 def cli_pretrain(argv: list[str]) -> int:

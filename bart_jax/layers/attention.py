@@ -58,19 +58,19 @@ def write_cache(cache, new, index, layout: str, layer=None):
     return jax.lax.dynamic_update_slice(cache, new, tuple(start))
 
 
-def explicit_attention(q, k, v, mask, k_layout: str = "bsnh", v_layout: str = "bsnh", dropout_module=None):
-    """softmax(q k^T / sqrt(H) masked) v written out, the softmax in float32 (or float64).
+def explicit_attention(q, k, v, mask, k_layout: str, v_layout: str):
+    """Cached-decoding attention: softmax(q k^T / sqrt(H) masked) v written out, the softmax in float32
+    (or float64).
 
-    q: [B, T, N, H]; k, v: [B, S, N, H] by default, or laid out as `k_layout`/`v_layout` say (see
-    `CACHE_LAYOUTS`); mask: bool broadcastable to [B, N, T, S] (True = attend). Returns [B, T, N, H].
+    q: [B, T, N, H]; k, v: laid out as `k_layout`/`v_layout` say (see `CACHE_LAYOUTS`); mask: bool
+    broadcastable to [B, N, T, S] (True = attend). Returns [B, T, N, H]. (Full attention:
+    `dot_product_attention`.)
     """
     scale = q.shape[-1] ** -0.5
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
     logits = jnp.einsum(f"btnh,{k_layout}->bnts", q, k, preferred_element_type=logits_dtype) * scale
     logits = jnp.where(mask, logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1)
-    if dropout_module is not None:
-        probs = dropout_module(probs, deterministic=False)
     return jnp.einsum(f"bnts,{v_layout}->btnh", probs.astype(v.dtype), v)
 
 

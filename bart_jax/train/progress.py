@@ -26,14 +26,24 @@ class StageReporter:
 
     def resumed(self, stage: str, step: int, directory: str) -> None:
         """The stage restored its state from checkpoint `step` in `directory`."""
-        logger.info("%s: resumed from step %d (%s)", stage, step, directory)
+        logger.info("%s", resumed_line(stage, step, directory))
 
     def step(self, stage: str, step_no: int, metrics: dict[str, float], speed: dict[str, float]) -> None:
         """Step `step_no` settled (every `log_every` steps and the last; only when the progress bar is off,
         since the bar shows them). metrics: the step's host floats (`loss`, `learning_rate`, ...);
         speed: `tokens_per_s` and `mfu` since the previous event."""
-        logger.info("%s step %d: loss %.4f lr %.3e tok/s %.0f mfu %.1f%%", stage, step_no, metrics["loss"],
-                    metrics["learning_rate"], speed["tokens_per_s"], 100 * speed["mfu"])
+        logger.info("%s", step_line(stage, step_no, metrics, speed))
+
+
+def resumed_line(stage: str, step: int, directory: str) -> str:
+    """The one wording of a `StageReporter.resumed` event, logged or printed."""
+    return f"{stage}: resumed from step {step} ({directory})"
+
+
+def step_line(stage: str, step_no: int, metrics: dict[str, float], speed: dict[str, float]) -> str:
+    """The one wording of a `StageReporter.step` event, logged or printed."""
+    return (f"{stage} step {step_no}: loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.3e} "
+            f"tok/s {speed['tokens_per_s']:.0f} mfu {100 * speed['mfu']:.1f}%")
 
 
 class _Meter:

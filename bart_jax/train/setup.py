@@ -106,7 +106,10 @@ def setup_stage(cfg: RunConfig, stage: str, *, allow_config_change: bool = False
         if params is None and sc.logits_bias_init == "target_prior":
             state = _with_target_prior(cfg, stage, tok, dataset, model_config, state, shardings)
 
-    train_fn, eval_fn = noise_batch_fns(cfg, tok, model_config.decoder_start_token_id) if stage == "pretrain" else (identity_batch, identity_batch)
+    if stage == "pretrain":
+        train_fn, eval_fn = noise_batch_fns(cfg, tok, model_config.decoder_start_token_id)
+    else:
+        train_fn, eval_fn = identity_batch, identity_batch
     train_step = compile_train_step(
         make_train_step(model_config, optimizer, schedule, micro_batches=t.micro_batches,
                         label_smoothing=t.label_smoothing, label_smoothing_form=t.label_smoothing_form,
