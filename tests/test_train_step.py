@@ -2,6 +2,7 @@
 precision, and the loop stopping cleanly after K non-finite steps."""
 
 import os
+import re
 
 import chex
 import jax
@@ -109,6 +110,15 @@ def test_nonfinite_step_is_skipped_and_counted():
     state, (m,) = run(state, step, sharding, [model_batch(6)])
     assert m["nonfinite_streak"] == 0 and m["nonfinite_total"] == 2 and m["skipped"] == 0
     assert int(state.step) == 3 and int(state.updates) == 1
+
+
+def test_step_updates_optimizer_state_in_place():
+    """The non-finite guard must not keep the old optimizer state alive beside the new: a `where` over the
+    results made XLA copy every Adam moment tensor each step (the whole optimizer state's memory traffic)."""
+    state, step, sharding = setup()
+    hlo = step.lower(state, jax.device_put(model_batch(0), sharding)).compile().as_text()
+    copied = sorted(set(re.findall(r"copy\(%(state_opt_state\w*)", hlo)))
+    assert copied == [], f"the step copies {len(copied)} optimizer-state tensors, e.g. {copied[:3]}"
 
 
 def test_final_logits_bias_is_frozen():

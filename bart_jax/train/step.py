@@ -123,17 +123,20 @@ def guarded_update(state: TrainState, grads, loss, total_tokens, optimizer: opta
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     apply = finite & (total_tokens > 0)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
 
-    def pick(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+    def update(params, opt_state):
+        updates, new_opt = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt
 
+    # A branch, not a `where` over the results: a select keeps the old optimizer state alive next to the new,
+    # so XLA copies every moment tensor each step before updating it in place.
+    new_params, new_opt = jax.lax.cond(apply, update, lambda params, opt_state: (params, opt_state),
+                                       state.params, state.opt_state)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32)
     total_bad = (state.nonfinite_total + jnp.where(finite, 0, 1)).astype(jnp.int32)
     new_state = state.replace(
         step=state.step + 1, updates=state.updates + apply.astype(jnp.int32),
-        params=pick(new_params, state.params), opt_state=pick(new_opt, state.opt_state),
+        params=new_params, opt_state=new_opt,
         nonfinite_streak=streak, nonfinite_total=total_bad)
     return new_state, {"grad_norm": grad_norm, "skipped": (~apply).astype(jnp.int32),
                        "nonfinite_streak": streak, "nonfinite_total": total_bad}
