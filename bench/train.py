@@ -28,12 +28,11 @@ import subprocess
 import sys
 import time
 
-# Shapes: name -> (preset, preset overrides, batch, source length, target length).
+# Shapes: name -> (preset, preset overrides, batch, source length, target length); "main" is read from the
+# main job's config instead (`main_job_shape`).
 SHAPES = {
     "tiny": ("tiny", {}, 16, 128, 128),
-    # the main job's pretraining step (bart_jax/configs/tiny.yaml): d 128 x 3+3 layers, 4,096 pieces
-    "main": ("tiny", dict(vocab_size=4096, d_model=128, encoder_layers=3, decoder_layers=3, encoder_ffn_dim=512,
-                          decoder_ffn_dim=512, scan_layers=False), 32, 64, 64),
+    "main": None,
     # a medium model: d 256 x 3+3 layers
     "d256x3": ("tiny", dict(d_model=256, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
                             decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
@@ -42,6 +41,32 @@ SHAPES = {
     "bart-base": ("bart-base", {}, 4, 128, 128),
     "bart-large": ("bart-large", {}, 2, 128, 128),
 }
+
+
+def main_job_shape():
+    """The main job's pretraining step (bart_jax/configs/tiny.yaml): its model, batch and row length
+    (denoising: target length = source length)."""
+    from bart_jax.pipeline import DEFAULT_CONFIG
+    from bart_jax.train.config import load_config
+
+    cfg = load_config(DEFAULT_CONFIG)
+    train = cfg.pretrain.train
+    return cfg.model.bart_config(), train.batch_size, train.source_length, train.source_length
+
+
+def shape(name: str, **model_overrides):
+    """(BartConfig with `model_overrides`, batch, source length, target length) of shape `name`."""
+    import dataclasses
+
+    from bart_jax import preset
+
+    if name == "main":
+        model, batch, src, tgt = main_job_shape()
+        return dataclasses.replace(model, **model_overrides), batch, src, tgt
+    preset_name, overrides, batch, src, tgt = SHAPES[name]
+    return preset(preset_name, **{**overrides, **model_overrides}), batch, src, tgt
+
+
 DEFAULT_SHAPES = "main,d256x3,bart-base-512,bart-base"
 
 # Peers run as `python -c SCRIPT config_json batch src_len tgt_len dtype steps warmup threads` and print
@@ -152,18 +177,17 @@ def bench_jax(name: str, dtype: str, steps: int, warmup: int, batch: int | None 
     import jax
     import numpy as np
 
-    from bart_jax import preset
     from bart_jax.model import param_logical_axes, shift_tokens_right
     from bart_jax.train import config as C
     from bart_jax.train import flops, optim, partitioning
     from bart_jax.train.state import abstract_params, create_train_state
     from bart_jax.train.step import compile_train_step, make_train_step
 
-    preset_name, overrides, default_batch, default_source, default_target = SHAPES[name]
+    model, default_batch, default_source, default_target = shape(name, dtype=dtype, param_dtype="float32",
+                                                                 dropout=0.1)
     batch = batch or default_batch
     src = source_length or default_source
     tgt = target_length or (source_length if source_length else default_target)
-    model = preset(preset_name, **{**overrides, "dtype": dtype, "param_dtype": "float32", "dropout": 0.1})
     mesh = partitioning.make_mesh(C.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     optimizer, schedule = optim.make_optimizer(
         C.OptimizerConfig(name="adamw", learning_rate=1e-4, clip_norm=0.0), C.ScheduleConfig(decay="constant"),
