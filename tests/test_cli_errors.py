@@ -350,7 +350,10 @@ def _train_argv(workdir, tiny_data, steps=100000, progress_bar=False):
             "pretrain.train.batch_size=4", "pretrain.train.source_length=16", "pretrain.schedule.warmup_steps=0",
             f"pretrain.train.progress_bar={str(progress_bar).lower()}", "pretrain.train.log_every=1",
             "pretrain.train.eval_every=0", "pretrain.train.checkpoint_every=100000",
-            "pretrain.train.peak_flops_per_device=1e9"]
+            "pretrain.train.peak_flops_per_device=1e9",
+            # a small model (the signals, lock and resume do not depend on its size): quicker to compile
+            "model.d_model=32", "model.encoder_layers=1", "model.decoder_layers=1", "model.encoder_ffn_dim=64",
+            "model.decoder_ffn_dim=64", "model.vocab_size=512"]
 
 
 def _env():
