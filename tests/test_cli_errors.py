@@ -19,6 +19,7 @@ import time
 import pytest
 
 from bart_jax.cli import main
+from toy_batches import SMALL_MODEL_OVERRIDES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -351,9 +352,7 @@ def _train_argv(workdir, tiny_data, steps=100000, progress_bar=False):
             f"pretrain.train.progress_bar={str(progress_bar).lower()}", "pretrain.train.log_every=1",
             "pretrain.train.eval_every=0", "pretrain.train.checkpoint_every=100000",
             "pretrain.train.peak_flops_per_device=1e9",
-            # a small model (the signals, lock and resume do not depend on its size): quicker to compile
-            "model.d_model=32", "model.encoder_layers=1", "model.decoder_layers=1", "model.encoder_ffn_dim=64",
-            "model.decoder_ffn_dim=64", "model.vocab_size=512"]
+            *SMALL_MODEL_OVERRIDES]  # the signals, lock and resume do not depend on the model's size
 
 
 def _env():

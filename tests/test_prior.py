@@ -8,6 +8,7 @@ import pytest
 from bart_jax.train import config as C
 from bart_jax.train import loop
 from bart_jax.train.prior import target_log_prior
+from toy_batches import SMALL_MODEL_OVERRIDES
 
 
 def test_target_log_prior_counts_targets_add_one_smoothed():
@@ -33,9 +34,8 @@ def _run(tmp_path, bias_init: str):
     source = datasets.prepare_text_corpus({"train": [text]}, tmp_path / "data", name="c", overwrite=True).path
     cfg = C.load_config("tiny", [
         f"workdir={tmp_path / bias_init}", f"data.pretrain_source={source}", "data.tokenizer_vocab_size=300",
-        "model.vocab_size=512", "model.d_model=32", "model.encoder_ffn_dim=64", "model.decoder_ffn_dim=64",
-        "model.encoder_attention_heads=2", "model.decoder_attention_heads=2", "model.encoder_layers=1",
-        "model.decoder_layers=1", "pretrain.train.steps=2", "pretrain.train.batch_size=8",
+        *SMALL_MODEL_OVERRIDES, "model.encoder_attention_heads=2", "model.decoder_attention_heads=2",
+        "pretrain.train.steps=2", "pretrain.train.batch_size=8",
         "pretrain.train.source_length=32", "pretrain.train.eval_every=0", "pretrain.train.checkpoint_every=2",
         "pretrain.train.progress_bar=false", "pretrain.train.peak_flops_per_device=1e9",
         "checkpoint.async_save=false", f"pretrain.logits_bias_init={bias_init}"])

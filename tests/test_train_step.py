@@ -15,6 +15,7 @@ from bart_jax.train import config as C
 from bart_jax.train import optim, partitioning
 from bart_jax.train.state import abstract_params, create_train_state
 from bart_jax.train.step import compile_train_step, make_train_step
+from toy_batches import SMALL_MODEL_OVERRIDES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = preset("tiny", dropout=0.0, vocab_size=128, max_position_embeddings=32)
@@ -159,8 +160,7 @@ def test_training_stops_after_k_nonfinite_steps(tmp_path, capsys):
 
     args = ["--config", "tiny", f"workdir={tmp_path}",
             # a small model: the blow-up, the stop and the last good checkpoint do not depend on its size
-            "data.tokenizer_vocab_size=512", "model.vocab_size=512", "model.d_model=32", "model.encoder_layers=1",
-            "model.decoder_layers=1", "model.encoder_ffn_dim=64", "model.decoder_ffn_dim=64",
+            "data.tokenizer_vocab_size=512", *SMALL_MODEL_OVERRIDES,
             "model.dropout=0.0", "pretrain.optimizer.name=adamw", "pretrain.optimizer.learning_rate=1e30",
             "pretrain.optimizer.clip_norm=0", "pretrain.schedule.warmup_steps=0", "pretrain.train.steps=8",
             "pretrain.train.batch_size=8", "pretrain.train.source_length=32", "pretrain.train.eval_every=0",

@@ -1,8 +1,14 @@
-"""Small random training batches shared by the sharding tests and the multi-host worker script."""
+"""Small random training batches shared by the sharding tests and the multi-host worker script, and the
+config overrides that shrink the tiny config's model for tests whose assertions do not depend on its size."""
 
 import numpy as np
 
 from bart_jax.model import shift_tokens_right
+
+# A 1+1-layer, d_model 32 model on a 512-piece vocabulary: quick to compile where a test checks signals, locks,
+# messages or the training loop's control flow rather than what the model learns.
+SMALL_MODEL_OVERRIDES = ("model.vocab_size=512", "model.d_model=32", "model.encoder_layers=1", "model.decoder_layers=1",
+                         "model.encoder_ffn_dim=64", "model.decoder_ffn_dim=64")
 
 
 def padded_batches(vocab_size: int, steps: int, batch: int, length: int, seed: int) -> list[dict]:
