@@ -69,9 +69,11 @@ def train_torch(mode: str, seed: int, args):
     torch.manual_seed(seed)
     config = preset("tiny", dropout=0.0).to_hf_config()
     model = BartForConditionalGeneration(BartConfig(**config)).train()
-    decayed = [p for n, p in model.named_parameters() if n.endswith(".weight") and "layer_norm" not in n
-               and "layernorm" not in n]
-    others = [p for n, p in model.named_parameters() if not any(p is q for q in decayed)]
+    # bart_jax's weight-decay mask in PyTorch names: Linear weights and embedding tables, not LayerNorm or biases
+    decayed, others = [], []
+    for name, param in model.named_parameters():
+        is_norm = "layer_norm" in name or "layernorm" in name
+        (decayed if name.endswith(".weight") and not is_norm else others).append(param)
     opt = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.01}, {"params": others, "weight_decay": 0.0}],
                             lr=args.lr, eps=args.eps)
     data = batches(config["vocab_size"], 16, 64, seed, args.ragged)
