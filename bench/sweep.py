@@ -39,6 +39,15 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "lr_double": ("pretrain.optimizer.learning_rate=2e-2", "finetune.optimizer.learning_rate=2e-3"),
     "dropout_0.1": ("model.dropout=0.1",),
     "longer": ("pretrain.train.steps=800", "finetune.train.steps=600"),
+    # lighter noise: the paper's text infilling alone (no sentence permutation, no random replacements), or the
+    # large recipe without the permutation
+    "infilling": ("noise.preset=text_infilling",),
+    "no_permute": ("noise.permute_sentence_ratio=0.0",),
+    # the default with other seeds (initialisation, noise, dropout, data order): the run-to-run spread
+    "seed_1": ("pretrain.train.seed=1", "finetune.train.seed=1", "data.shuffle_seed=1"),
+    "seed_2": ("pretrain.train.seed=2", "finetune.train.seed=2", "data.shuffle_seed=2"),
+    # a shorter warm-up: the loss sits on the unigram plateau for the first ~125 steps
+    "warmup_30": ("pretrain.schedule.warmup_steps=30", "finetune.schedule.warmup_steps=20"),
     # the reference init of the output bias (zeros) instead of the targets' log prior
     "zero_bias": ("pretrain.logits_bias_init=zeros", "finetune.logits_bias_init=zeros"),
 }

@@ -453,3 +453,28 @@ def test_error_after_checkpointer_start_prints_nothing_after_it(tmp_path, tiny_d
     assert "Traceback" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
     assert re.fullmatch(r"bart-jax pretrain: error: the tokenizer has 320 tokens but model.vocab_size is 300; .*",
                         proc.stderr.strip().splitlines()[-1])
+
+
+def _cache_dir_after_dispatch(env: dict) -> str:
+    """jax's persistent-cache directory after `bart-jax evaluate --help` ran in a fresh process with `env`."""
+    code = ("import contextlib, io, jax; from bart_jax.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: main(['evaluate', '--help'])\n"
+            "    except SystemExit: pass\n"
+            "print(jax.config.jax_compilation_cache_dir)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_compiling_commands_keep_a_persistent_compilation_cache(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    # by default under the user's cache directory, so reruns and the main job's second fine-tune skip compiling
+    assert _cache_dir_after_dispatch({**env, "XDG_CACHE_HOME": str(tmp_path)}) == str(tmp_path / "bart_jax" / "xla")
+    # JAX's own variable chooses the directory instead
+    chosen = str(tmp_path / "chosen")
+    assert _cache_dir_after_dispatch({**env, "JAX_COMPILATION_CACHE_DIR": chosen}) == chosen
+    # an unusable location means no cache, not an error
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert _cache_dir_after_dispatch({**env, "XDG_CACHE_HOME": str(blocker)}) == "None"

@@ -55,6 +55,32 @@ def _configure_logging(debug: bool) -> None:
         logging.getLogger("absl").setLevel(logging.ERROR)
 
 
+# Commands that compile XLA programs: they keep them in a persistent cache, so a rerun, a resumed stage and the
+# main job's second fine-tune (the same programs as the first) skip compilation.
+_COMPILING = {"pretrain", "finetune", "run", "generate", "evaluate"}
+
+
+def _use_compilation_cache() -> None:
+    """JAX's persistent compilation cache in $XDG_CACHE_HOME/bart_jax/xla (default ~/.cache/bart_jax/xla);
+    JAX_COMPILATION_CACHE_DIR, when set, chooses the directory instead (JAX reads it itself). An unwritable
+    location means no cache, not an error."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "bart_jax", "xla")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        logging.getLogger(__name__).info("no persistent compilation cache (%s)", e)
+        return
+    if not os.access(path, os.W_OK):
+        logging.getLogger(__name__).info("no persistent compilation cache (%s is not writable)", path)
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a subcommand. The one place where user errors become `bart-jax <command>: error: ...`
     plus exit code 2, and interruptions exit 130 (SIGINT) / 143 (SIGTERM), without a traceback; `--debug`
@@ -73,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     from bart_jax.errors import Interrupted, Terminated
 
     _configure_logging(debug)
+    if name in _COMPILING:
+        _use_compilation_cache()
 
     previous = None
     if threading.current_thread() is threading.main_thread():
