@@ -2,12 +2,13 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from bart_jax.cli.run import run_and_print
-from bart_jax.pipeline import lead_summary
+from bart_jax.pipeline import JobResult, lead_summary
 
 
 def test_lead_summary_takes_first_sentence_and_truncates():
@@ -16,9 +17,15 @@ def test_lead_summary_takes_first_sentence_and_truncates():
 
 
 @pytest.mark.slow
-def test_quick_main_job(tmp_path, capsys):
-    result = run_and_print(quick=True, workdir=str(tmp_path / "run"))
-    printed = capsys.readouterr().out
+def test_quick_main_job(tmp_path):
+    # Run as a user runs it: the `bart-jax run` command in its own process, on one CPU device (this process
+    # simulates 8 for the sharding tests).
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run([sys.executable, "-m", "bart_jax", "run", "--quick", "--workdir", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    printed = proc.stdout
+    result = JobResult(**json.load(open(tmp_path / "run" / "results" / "summary.json")))
     # the pretrained model is measured as a denoiser and the measurement printed, with one reconstruction
     assert set(result.denoiser) >= {"clean_accuracy", "noised_accuracy", "copy_accuracy", "example"}
     assert 0.0 <= result.denoiser["clean_accuracy"] <= 1.0 and 0.0 < result.denoiser["copy_accuracy"] <= 1.0
@@ -29,7 +36,8 @@ def test_quick_main_job(tmp_path, capsys):
     assert examples.count("document:") == 3 and examples.count("reference:") == 3
     assert examples.count("lead:") == 3 and examples.count("pretrained+finetuned:") == 3
     # TFDS's own banners (with temporary directory names) stay out of the printout
-    assert "Downloading and preparing" not in printed and "incomplete." not in printed
+    for stream in (proc.stdout, proc.stderr):
+        assert "Downloading and preparing" not in stream and "incomplete." not in stream
     # every training stage ran and its loss fell
     for stage, losses in result.losses.items():
         assert len(losses) >= 20, stage
