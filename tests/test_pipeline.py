@@ -25,7 +25,8 @@ def test_quick_main_job(tmp_path):
                           env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     printed = proc.stdout
-    result = JobResult(**json.load(open(tmp_path / "run" / "results" / "summary.json")))
+    with open(tmp_path / "run" / "results" / "summary.json") as f:
+        result = JobResult(**json.load(f))
     # the pretrained model is measured as a denoiser and the measurement printed, with one reconstruction
     assert set(result.denoiser) >= {"clean_accuracy", "noised_accuracy", "copy_accuracy", "example"}
     assert 0.0 <= result.denoiser["clean_accuracy"] <= 1.0 and 0.0 < result.denoiser["copy_accuracy"] <= 1.0
@@ -52,8 +53,7 @@ def test_quick_main_job(tmp_path):
     for path in result.predictions.values():
         rows = [json.loads(line) for line in open(path)]
         assert len(rows) == 16 and all(set(r) == {"document", "reference", "prediction"} for r in rows)
-    summary = json.load(open(result.summary_path))
-    assert summary["test_pairs"] == 16
+    assert result.test_pairs == 16  # `result` is summary.json, read above
     # the saved models reload for inference, with their tokenizer
     from bart_jax.decode.files import load_model_for_inference
     for name, model_dir in result.model_dirs.items():
