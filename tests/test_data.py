@@ -146,12 +146,37 @@ def test_prepare_pairs_and_bad_input(tmp_path):
         datasets.prepare_pairs({"train": [tmp_path / "nope.jsonl"]}, tmp_path / "data3")
 
 
+def test_prepare_holds_out_a_validation_split_from_train(tmp_path):
+    train = tmp_path / "train.txt"
+    train.write_text("".join(f"document {i}\n" for i in range(10)), encoding="utf-8")
+    ds = datasets.prepare_text_corpus({"train": [train]}, tmp_path / "data", holdout_every=4)
+    texts = {split: sorted(ds[split][i]["text"].decode() for i in range(len(ds[split]))) for split in ds}
+    assert texts["validation"] == ["document 0", "document 4", "document 8"]
+    assert texts["train"] == [f"document {i}" for i in (1, 2, 3, 5, 6, 7, 9)]
+    assert ds.stats["train"]["documents"] == 7 and ds.stats["validation"]["documents"] == 3
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"document": f"d{i}", "summary": f"s{i}"}) + "\n" for i in range(5)))
+    ds = datasets.prepare_pairs({"train": [pairs]}, tmp_path / "data", holdout_every=2)
+    assert sorted(ds["validation"][i]["summary"] for i in range(3)) == [b"s0", b"s2", b"s4"]
+    assert len(ds["train"]) == 2 and ds.stats["validation"]["pairs"] == 3
+    with pytest.raises(ValueError, match="choose one"):
+        datasets.prepare_pairs({"train": [pairs], "validation": [pairs]}, tmp_path / "d2", holdout_every=2)
+
+
 def test_cli_builds_text_corpus(tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("one\ntwo\n\n", encoding="utf-8")
+    # Train files only: a validation split is held out of them (`run` and training evaluate on it).
     assert bart_jax_main(["data", "text", "--data-dir", str(tmp_path / "d"), "--train", str(corpus)]) == 0
     report = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
+    assert report["sizes"] == {"train": 1, "validation": 1}
+    assert bart_jax_main(["data", "text", "--data-dir", str(tmp_path / "d"), "--name", "all", "--train",
+                          str(corpus), "--holdout-every", "0"]) == 0
+    report = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
     assert report["sizes"] == {"train": 2} and report["stats"]["train"]["empty_documents"] == 1
+    assert bart_jax_main(["data", "text", "--data-dir", str(tmp_path / "d"), "--name", "both", "--train",
+                          str(corpus), "--validation", str(corpus), "--holdout-every", "5"]) == 2
+    assert "choose one" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"x": 1}\n')
     assert bart_jax_main(["data", "pairs", "--data-dir", str(tmp_path / "d"), "--train", str(bad)]) == 2

@@ -11,6 +11,9 @@ import os
 import time
 
 
+DEFAULT_HOLDOUT_EVERY = 100  # 1%: training and `run` want a validation split; few corpora come with one
+
+
 def _data_parser() -> argparse.ArgumentParser:
     from bart_jax.data.datasets import SPLITS
 
@@ -24,6 +27,9 @@ def _data_parser() -> argparse.ArgumentParser:
         for split in SPLITS:
             p.add_argument(f"--{split}", nargs="*", default=[], metavar="FILE")
         p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--holdout-every", type=int, default=None, metavar="N",
+                       help=f"without --validation files: every N-th training example becomes the validation "
+                            f"split (default {DEFAULT_HOLDOUT_EVERY}; 0: no validation split)")
         if command == "text":
             p.add_argument("--text-field", default="text", help="JSON field holding the document")
             p.add_argument("--blank-line-docs", action="store_true",
@@ -52,14 +58,17 @@ def cli_data(argv: list[str]) -> int:
         prepared = [prepare_builtin(args.data_dir, kind, overwrite=args.overwrite) for kind in kinds]
     else:
         split_paths = {split: getattr(args, split) for split in SPLITS}
+        holdout_every = args.holdout_every
+        if holdout_every is None:
+            holdout_every = DEFAULT_HOLDOUT_EVERY if args.train and not args.validation else 0
         if args.command == "text":
             prepared = [prepare_text_corpus(split_paths, args.data_dir, name=args.name,
-                                            text_field=args.text_field,
-                                            blank_line_docs=args.blank_line_docs, overwrite=args.overwrite)]
+                                            text_field=args.text_field, blank_line_docs=args.blank_line_docs,
+                                            holdout_every=holdout_every, overwrite=args.overwrite)]
         else:
             prepared = [prepare_pairs(split_paths, args.data_dir, name=args.name,
                                       document_field=args.document_field, summary_field=args.summary_field,
-                                      overwrite=args.overwrite)]
+                                      holdout_every=holdout_every, overwrite=args.overwrite)]
     for ds in prepared:
         print(json.dumps({"path": ds.path, "sizes": {s: len(ds[s]) for s in ds}, "stats": ds.stats}))
     print(f"done in {time.perf_counter() - start:.1f}s")

@@ -67,6 +67,7 @@ class TextCorpusConfig(tfds.core.BuilderConfig):
     split_paths: dict = dataclasses.field(default_factory=dict)
     text_field: str = "text"
     blank_line_docs: bool = False
+    holdout_every: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -76,6 +77,7 @@ class PairsConfig(tfds.core.BuilderConfig):
     split_paths: dict = dataclasses.field(default_factory=dict)
     document_field: str = "document"
     summary_field: str = "summary"
+    holdout_every: int = 0
 
 
 def _text_features():
@@ -102,20 +104,39 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
 
 
 class _LocalFilesBuilder(_Builder):
-    """Examples read from the local files of each split (config `split_paths`); `_read` parses one file."""
+    """Examples read from the local files of each split (config `split_paths`); `_read` parses one file.
+
+    With config `holdout_every` = n > 0, the validation split is every n-th training example (the first
+    included) and the train split the others: a corpus given as one set of files still gets a validation
+    split, disjoint from what is trained on.
+    """
+
+    COUNT_KEY = "examples"  # the stats key `_read` counts yielded examples under
 
     def _read(self, path: str, stats: dict):
         raise NotImplementedError
 
     def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(split, paths)
-                for split, paths in self.builder_config.split_paths.items()}
+        cfg = self.builder_config
+        every = cfg.holdout_every
+        generators = {split: self._generate_examples(split, paths)
+                      for split, paths in cfg.split_paths.items()}
+        if every:
+            train = cfg.split_paths["train"]
+            generators["train"] = self._generate_examples("train", train, lambda n: n % every != 0)
+            generators["validation"] = self._generate_examples("validation", train, lambda n: n % every == 0)
+        return generators
 
-    def _generate_examples(self, split, paths):
+    def _generate_examples(self, split, paths, select=None):
+        """Examples of `paths` in file order; with `select`, only those whose running index it accepts."""
         stats = {}
         count = 0
+        index = -1
         for file_index, path in enumerate(paths):
             for example_index, example in enumerate(self._read(path, stats)):
+                index += 1
+                if select is not None and not select(index):
+                    continue
                 count += 1
                 yield f"{file_index}:{example_index}", example
         if count == 0:  # TFDS would fail on it with an AssertionError
@@ -124,11 +145,15 @@ class _LocalFilesBuilder(_Builder):
             skipped = {k: v for k, v in stats.items() if v}
             raise UserError(f"split {split!r}: no non-empty examples in {', '.join(paths)}"
                             + (f" (skipped: {skipped})" if skipped else " (the files are empty)"))
+        if select is not None:  # the reader counted every example of the files, not this split's share
+            stats = {self.COUNT_KEY: count, "held_out_every": self.builder_config.holdout_every}
         self._record_stats(split, stats)
 
 
 class TextCorpus(_LocalFilesBuilder):
     """Pretraining documents from local files. Features: {'text': Text}."""
+
+    COUNT_KEY = "documents"
 
     def _features(self):
         return _text_features()
@@ -142,6 +167,8 @@ class TextCorpus(_LocalFilesBuilder):
 
 class SummarizationPairs(_LocalFilesBuilder):
     """Document -> summary pairs from local JSON lines / TSV files. Features: {'document', 'summary'}."""
+
+    COUNT_KEY = "pairs"
 
     def _features(self):
         return _pair_features()
@@ -262,31 +289,52 @@ def _check_split_paths(split_paths: dict) -> dict:
     return out
 
 
+def _holdout_part(holdout_every: int) -> tuple:
+    # Absent when 0, so datasets built before the option existed keep their fingerprint.
+    return (("holdout_every", holdout_every),) if holdout_every else ()
+
+
+def _check_holdout(split_paths: dict, holdout_every: int) -> int:
+    if holdout_every < 0:
+        raise ValueError(f"holdout_every must be >= 0, got {holdout_every}")
+    if holdout_every and "validation" in split_paths:
+        raise ValueError("validation files given and a validation split held out of train: choose one")
+    if holdout_every and "train" not in split_paths:
+        raise ValueError("a validation split held out of train needs train files")
+    return holdout_every
+
+
 def prepare_text_corpus(split_paths: dict, data_dir: str | os.PathLike, *, name: str = "default",
-                        text_field: str = "text", blank_line_docs: bool = False,
+                        text_field: str = "text", blank_line_docs: bool = False, holdout_every: int = 0,
                         overwrite: bool = False) -> PreparedDataset:
     """Builds the `text_corpus` dataset `name` in data_dir from {split: [files]}; returns its sources.
 
-    Each source element is {'text': bytes}. Reuses an existing build of the same inputs.
+    Each source element is {'text': bytes}. `holdout_every` = n > 0 (only without validation files):
+    every n-th training document becomes the validation split. Reuses an existing build of the same inputs.
     """
     split_paths = _check_split_paths(split_paths)
+    holdout_every = _check_holdout(split_paths, holdout_every)
     config = TextCorpusConfig(name=name, split_paths=split_paths, text_field=text_field,
-                              blank_line_docs=blank_line_docs)
-    fingerprint = _fingerprint(_files_fingerprint(split_paths), text_field, blank_line_docs)
+                              blank_line_docs=blank_line_docs, holdout_every=holdout_every)
+    fingerprint = _fingerprint(_files_fingerprint(split_paths), text_field, blank_line_docs,
+                               *_holdout_part(holdout_every))
     return _prepare(TextCorpus, config, data_dir, fingerprint, overwrite)
 
 
 def prepare_pairs(split_paths: dict, data_dir: str | os.PathLike, *, name: str = "default",
-                  document_field: str = "document", summary_field: str = "summary",
+                  document_field: str = "document", summary_field: str = "summary", holdout_every: int = 0,
                   overwrite: bool = False) -> PreparedDataset:
     """Builds the `summarization_pairs` dataset `name` in data_dir from {split: [files]}.
 
-    Each source element is {'document': bytes, 'summary': bytes}. Reuses an existing build of the same inputs.
+    Each source element is {'document': bytes, 'summary': bytes}. `holdout_every` as in
+    `prepare_text_corpus`. Reuses an existing build of the same inputs.
     """
     split_paths = _check_split_paths(split_paths)
+    holdout_every = _check_holdout(split_paths, holdout_every)
     config = PairsConfig(name=name, split_paths=split_paths, document_field=document_field,
-                         summary_field=summary_field)
-    fingerprint = _fingerprint(_files_fingerprint(split_paths), document_field, summary_field)
+                         summary_field=summary_field, holdout_every=holdout_every)
+    fingerprint = _fingerprint(_files_fingerprint(split_paths), document_field, summary_field,
+                               *_holdout_part(holdout_every))
     return _prepare(SummarizationPairs, config, data_dir, fingerprint, overwrite)
 
 
