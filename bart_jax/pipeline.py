@@ -119,6 +119,20 @@ def split_pairs(cfg, split: str, limit: int | None = None) -> list[dict]:
     return pairs
 
 
+def check_job_data(cfg) -> None:
+    """Refuse (UserError), before any work, data the job would only fail on minutes later: a split that
+    pretraining, fine-tuning or the final table (the test split) needs."""
+    from bart_jax.errors import UserError
+    from bart_jax.train.inputs import check_splits, prepared_dataset
+
+    check_splits(cfg, "pretrain", prepared_dataset(cfg, "pretrain"))
+    pairs = prepared_dataset(cfg, "finetune")
+    check_splits(cfg, "finetune", pairs)
+    if "test" not in pairs:
+        raise UserError(f"the finetune data {pairs.path} has no 'test' split (has {sorted(pairs)}): the job "
+                        "scores its final table on it; add --test files to `bart-jax data pairs`")
+
+
 def summary_controls(cfg) -> dict:
     """The beam search the main job scores with."""
     return dict(num_beams=4, max_length=cfg.finetune.train.target_length, min_length=3, length_penalty=1.0,
@@ -169,6 +183,7 @@ def _run_main_job(cfg, config_name: str, quick: bool, batch_size: int, allow_con
     from bart_jax.train.loop import finetune, load_or_train_tokenizer, pretrain
 
     started = time.perf_counter()
+    check_job_data(cfg)
     progress.started(config_name, os.path.abspath(cfg.workdir))
     progress.stage(1, "tokenizer")
     tok, tokenizer_dir = load_or_train_tokenizer(cfg)

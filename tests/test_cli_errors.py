@@ -69,6 +69,16 @@ def _setup_row(name, tmp):
         return ["pretrain", w, "mesh.fsdp=3"]
     if name == "run_bad_noise":
         return ["run", "--workdir", _workdir(tmp), "noise.preset=nosuch"]
+    if name == "run_pairs_without_test":
+        from bart_jax.data import datasets
+
+        (tmp / "t.txt").write_text("".join(f"document number {i}.\n" for i in range(4)))
+        (tmp / "p.jsonl").write_text("".join(json.dumps({"document": f"d {i}", "summary": "s"}) + "\n"
+                                             for i in range(4)))
+        text = datasets.prepare_text_corpus({"train": [tmp / "t.txt"]}, tmp / "d", holdout_every=2)
+        pairs = datasets.prepare_pairs({"train": [tmp / "p.jsonl"]}, tmp / "d", holdout_every=2)
+        return ["run", "--workdir", _workdir(tmp), f"data.pretrain_source={text.path}",
+                f"data.finetune_source={pairs.path}"]
     if name == "finetune_without_pretrain":
         return ["finetune", w]
     if name == "workdir_under_file":
@@ -150,6 +160,7 @@ ROWS = [
     ("finetune_target_length", "finetune", r"target_length=4096 exceeds .*max_position_embeddings", True),
     ("mesh_vs_devices", "pretrain", r"do not divide the 8 available devices", True),
     ("run_bad_noise", "run", "unknown noise preset 'nosuch'", True),
+    ("run_pairs_without_test", "run", r"finetune data .* has no 'test' split", False),
     ("finetune_without_pretrain", "finetune", r"init_from='run:pretrain'.*does not exist; run `bart-jax pretrain`",
      True),
     ("workdir_under_file", "pretrain", r"afile is a file, not a directory", False),

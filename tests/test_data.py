@@ -161,6 +161,10 @@ def test_prepare_holds_out_a_validation_split_from_train(tmp_path):
     assert len(ds["train"]) == 2 and ds.stats["validation"]["pairs"] == 3
     with pytest.raises(ValueError, match="choose one"):
         datasets.prepare_pairs({"train": [pairs], "validation": [pairs]}, tmp_path / "d2", holdout_every=2)
+    one = tmp_path / "one.txt"
+    one.write_text("the only document\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"the 1 example\(s\) of .*one.txt all went to the held-out validation"):
+        datasets.prepare_text_corpus({"train": [one]}, tmp_path / "d3", holdout_every=100)
 
 
 def test_cli_builds_text_corpus(tmp_path, capsys):

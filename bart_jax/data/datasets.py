@@ -142,6 +142,9 @@ class _LocalFilesBuilder(_Builder):
         if count == 0:  # TFDS would fail on it with an AssertionError
             from bart_jax.errors import UserError
 
+            if index >= 0:  # examples were read, all of them for the other split
+                raise UserError(f"split {split!r}: the {index + 1} example(s) of {', '.join(paths)} all went "
+                                f"to the held-out validation split; give more data or --holdout-every 0")
             skipped = {k: v for k, v in stats.items() if v}
             raise UserError(f"split {split!r}: no non-empty examples in {', '.join(paths)}"
                             + (f" (skipped: {skipped})" if skipped else " (the files are empty)"))
