@@ -1,7 +1,7 @@
 """Training throughput, MFU and compile time of the bart_jax train step, beside PyTorch and HF Flax.
 
     python bench/train.py [--shapes d256x3,bart-base-512,bart-base] [--dtypes float32,bfloat16]
-                          [--threads N] [--out bench/out/train.json]
+                          [--steps 4] [--rounds 3] [--threads N] [--out bench/out/train.json]
 
 For each model shape and compute dtype: one jitted train step (AdamW, label smoothing 0.1, dropout 0.1,
 fp32 master weights) on one device, timed over several steps after compilation. MFU = model FLOPs per
@@ -12,7 +12,9 @@ transformers, the same model config and batch are trained in the same run by two
 subprocess of that python: PyTorch (BartForConditionalGeneration + torch.optim.AdamW, bf16 via CPU
 autocast) and HF Flax (FlaxBartForConditionalGeneration, random weights, a jitted value_and_grad +
 optax.adamw step, `dtype=bfloat16` compute with fp32 parameters for bf16); throughput ratios are reported
-against both.
+against both. All three stay compiled side by side and are timed in turn, round after round (one at a time,
+never sharing the CPUs): a slow minute of the machine hits every implementation alike, where timing them one
+after the other would credit it to whichever ran then. Step time is the median round.
 
 Compile time, for all three: `lower_s` + `compile_s` (jit(...).lower(...) and .compile(), the JAX runs)
 and `first_step_s`, the wall time from the start of lowering (PyTorch: from the first call) to the first
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -69,13 +72,15 @@ def shape(name: str, **model_overrides):
 
 DEFAULT_SHAPES = "main,d256x3,bart-base-512,bart-base"
 
-# Peers run as `python -c SCRIPT config_json batch src_len tgt_len dtype steps warmup threads` and print
-# one JSON line. Both draw the batch the same way (torch.randint with seed 0, as ids in [4, vocab)).
+# Peers run as `python -c SCRIPT config_json batch src_len tgt_len dtype warmup threads`: they compile, warm up
+# and print one JSON line (compile times), then time as many steps as each line of their stdin asks and answer
+# with one JSON line each, until stdin closes. Both draw the batch the same way (torch.randint with seed 0, as
+# ids in [4, vocab)).
 TORCH_SCRIPT = r"""
 import json, os, sys, time
 cfg_json, dtype = sys.argv[1], sys.argv[5]
 batch, src, tgt = map(int, sys.argv[2:5])
-steps, warmup, threads = map(int, sys.argv[6:9])
+warmup, threads = map(int, sys.argv[6:8])
 os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
 import torch
 from transformers import BartConfig, BartForConditionalGeneration
@@ -103,19 +108,19 @@ loss = step()
 first = time.perf_counter() - t
 for _ in range(warmup - 1):
     step()
-t = time.perf_counter()
-for _ in range(steps):
-    loss = step()
-dt = (time.perf_counter() - t) / steps
-print(json.dumps({"step_s": dt, "tokens_per_s": batch * (src + tgt) / dt, "lower_s": None, "compile_s": None,
-                  "first_step_s": first, "loss": float(loss)}))
+print(json.dumps({"lower_s": None, "compile_s": None, "first_step_s": first}), flush=True)
+for line in sys.stdin:  # SERVE: each line is a number of steps to time; the answer is one JSON line
+    t = time.perf_counter()
+    for _ in range(int(line)):
+        loss = step()
+    print(json.dumps({"step_s": (time.perf_counter() - t) / int(line), "loss": float(loss)}), flush=True)
 """
 
 FLAX_SCRIPT = r"""
 import json, os, sys, time
 cfg_json, dtype = sys.argv[1], sys.argv[5]
 batch, src, tgt = map(int, sys.argv[2:5])
-steps, warmup, threads = map(int, sys.argv[6:9])
+warmup, threads = map(int, sys.argv[6:8])
 os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])  # before XLA sizes its thread pool
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax, jax.numpy as jnp, optax, torch
@@ -154,13 +159,13 @@ first = time.perf_counter() - t0
 for _ in range(warmup - 1):
     params, opt_state, rng, loss = step(params, opt_state, rng)
 jax.block_until_ready(loss)
-t = time.perf_counter()
-for _ in range(steps):
-    params, opt_state, rng, loss = step(params, opt_state, rng)
-jax.block_until_ready(loss)
-dt = (time.perf_counter() - t) / steps
-print(json.dumps({"step_s": dt, "tokens_per_s": batch * (src + tgt) / dt, "lower_s": t1 - t0, "compile_s": t2 - t1,
-                  "first_step_s": first, "loss": float(loss)}))
+print(json.dumps({"lower_s": t1 - t0, "compile_s": t2 - t1, "first_step_s": first}), flush=True)
+for line in sys.stdin:  # SERVE: as the PyTorch peer
+    t = time.perf_counter()
+    for _ in range(int(line)):
+        params, opt_state, rng, loss = step(params, opt_state, rng)
+    jax.block_until_ready(loss)
+    print(json.dumps({"step_s": (time.perf_counter() - t) / int(line), "loss": float(loss)}), flush=True)
 """
 
 
@@ -171,9 +176,11 @@ def hf_config(config) -> dict:
     return hf
 
 
-def bench_jax(name: str, dtype: str, steps: int, warmup: int, batch: int | None = None,
-              source_length: int | None = None, target_length: int | None = None) -> dict:
-    """Time the jitted train step of shape `name` (batch and lengths overridable; target defaults to source)."""
+def setup_jax(name: str, dtype: str, warmup: int, batch: int | None = None, source_length: int | None = None,
+              target_length: int | None = None):
+    """Compile and warm up the jitted train step of shape `name` (batch and lengths overridable; target
+    defaults to source). Returns (result dict with compile times and the shape, `time_steps(n)` -> seconds
+    per step over n more steps)."""
     import jax
     import numpy as np
 
@@ -207,41 +214,116 @@ def bench_jax(name: str, dtype: str, steps: int, warmup: int, batch: int | None 
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics)
+    box = [state, None]
+    box[0], box[1] = compiled(box[0], data)
+    jax.block_until_ready(box[1])
     first_step_s = time.perf_counter() - start
     for _ in range(warmup - 1):
-        state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - t0) / steps
+        box[0], box[1] = compiled(box[0], data)
+    jax.block_until_ready(box[1])
+
+    def time_steps(n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            box[0], box[1] = compiled(box[0], data)
+        jax.block_until_ready(box[1])
+        return (time.perf_counter() - t) / n
+
     step_flops = flops.train_step_flops(model, batch, src, tgt)
     peak = flops.device_peak(model.compute_dtype)
-    return {"shape": name, "dtype": dtype, "batch": batch, "source_length": src, "target_length": tgt,
-            "step_s": step_s, "lower_s": lower_s, "compile_s": compile_s, "first_step_s": first_step_s,
-            "tokens_per_s": batch * (src + tgt) / step_s, "model_flops_per_step": step_flops,
-            "model_flops_per_s": step_flops / step_s, "peak_flops": peak.flops_per_s, "peak_source": peak.source,
-            "mfu": step_flops / step_s / peak.flops_per_s, "loss": float(metrics["loss"]),
-            "config": hf_config(model)}
+    result = {"shape": name, "dtype": dtype, "batch": batch, "source_length": src, "target_length": tgt,
+              "lower_s": lower_s, "compile_s": compile_s, "first_step_s": first_step_s,
+              "model_flops_per_step": step_flops, "peak_flops": peak.flops_per_s, "peak_source": peak.source,
+              "config": hf_config(model)}
+    return result, time_steps
 
 
-def bench_peer(label: str, script: str, python: str, result: dict, steps: int, warmup: int,
-               threads: int) -> dict | None:
-    """Run a peer script (TORCH_SCRIPT / FLAX_SCRIPT) in `python` on the same config and batch shape."""
-    argv = [python, "-c", script, json.dumps(result["config"]), str(result["batch"]), str(result["source_length"]),
-            str(result["target_length"]), result["dtype"], str(steps), str(warmup), str(threads)]
+def bench_jax(name: str, dtype: str, steps: int, warmup: int, batch: int | None = None,
+              source_length: int | None = None, target_length: int | None = None) -> dict:
+    """`setup_jax`, then one timing of `steps` steps: step time, tokens/s, model FLOP/s and MFU."""
+    result, time_steps = setup_jax(name, dtype, warmup, batch, source_length, target_length)
+    return with_step_time(result, time_steps(steps))
+
+
+def with_step_time(result: dict, step_s: float) -> dict:
+    tokens = result["batch"] * (result["source_length"] + result["target_length"])
+    return {**result, "step_s": step_s, "tokens_per_s": tokens / step_s,
+            "model_flops_per_s": result["model_flops_per_step"] / step_s,
+            "mfu": result["model_flops_per_step"] / step_s / result["peak_flops"]}
+
+
+class Peer:
+    """A peer script (TORCH_SCRIPT / FLAX_SCRIPT) serving timings in a subprocess of `python`, on the
+    config and batch shape of a `setup_jax` result. `ready` holds its compile times; None fields on failure."""
+
+    def __init__(self, label: str, script: str, python: str, result: dict, warmup: int, threads: int):
+        self.label, self.ready = label, None
+        argv = [python, "-c", script, json.dumps(result["config"]), str(result["batch"]),
+                str(result["source_length"]), str(result["target_length"]), result["dtype"], str(warmup),
+                str(threads)]
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+        except OSError as e:
+            print(f"{label} peer failed: {e}", file=sys.stderr)
+            self.proc = None
+            return
+        self.ready = self._answer()
+
+    def _answer(self) -> dict | None:
+        line = self.proc.stdout.readline()
+        if not line:
+            print(f"{self.label} peer failed:\n{self.proc.stderr.read()[-2000:]}", file=sys.stderr)
+            self.close()
+            return None
+        return json.loads(line)
+
+    def time_steps(self, n: int) -> float | None:
+        if self.proc is None:
+            return None
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        answer = self._answer()
+        return answer and answer["step_s"]
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def bench_shape(name: str, dtype: str, args, peers: list[str]) -> dict:
+    """Ours and each peer compiled once, then `args.rounds` rounds in which each times `args.steps` steps in
+    turn (one at a time, so they never share the CPUs): drifts of the machine hit all three alike. Step
+    time = the median round; ratios are of medians."""
+    result, ours = setup_jax(name, dtype, args.warmup)
+    scripts = {"torch": TORCH_SCRIPT, "flax": FLAX_SCRIPT}
+    servers = {p: Peer(p, scripts[p], args.torch_python, result, args.warmup, args.threads) for p in peers}
+    rounds = {p: [] for p in ["bart_jax", *servers]}
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"{label} peer failed: {e}", file=sys.stderr)
-        return None
-    if out.returncode != 0:
-        print(f"{label} peer failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        for _ in range(args.rounds):
+            rounds["bart_jax"].append(ours(args.steps))
+            for p, server in servers.items():
+                rounds[p].append(server.time_steps(args.steps))
+    finally:
+        for server in servers.values():
+            server.close()
+    result = with_step_time(result, _median(rounds["bart_jax"]))
+    result["rounds_step_s"] = rounds
+    tokens = result["batch"] * (result["source_length"] + result["target_length"])
+    for p in ("torch", "flax"):
+        step_s = _median(rounds.get(p, []))
+        ready = servers[p].ready if p in servers else None
+        result[p] = None if step_s is None or ready is None else {**ready, "step_s": step_s,
+                                                                   "tokens_per_s": tokens / step_s}
+        result[f"speedup_vs_{p}"] = result["tokens_per_s"] / result[p]["tokens_per_s"] if result[p] else None
+    return result
 
 
 def _fmt(x, spec, missing="n/a"):
@@ -252,7 +334,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma list of {sorted(SHAPES)}")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="steps per implementation per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds: each implementation times --steps steps in turn; the median round counts")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1: the first compiles)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPUs for every run (ours and peers)")
     parser.add_argument("--torch-python", default="/work/refvenv/bin/python",
@@ -278,16 +362,10 @@ def main(argv=None) -> int:
         parser.error(f"--peers: expected torch and/or flax, got {peers}")
     device = jax.devices()[0]
     use_peers = bool(args.torch_python) and os.path.exists(args.torch_python)
-    scripts = {"torch": TORCH_SCRIPT, "flax": FLAX_SCRIPT}
     rows = []
     for name in shapes:
         for dtype in dtypes:
-            r = bench_jax(name, dtype, args.steps, args.warmup)
-            for peer in ("torch", "flax"):
-                ref = (bench_peer(peer, scripts[peer], args.torch_python, r, args.steps, args.warmup, args.threads)
-                       if use_peers and peer in peers else None)
-                r[peer] = ref
-                r[f"speedup_vs_{peer}"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+            r = bench_shape(name, dtype, args, peers if use_peers else [])
             rows.append(r)
             print(f"done {name} {dtype}: {r['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
 
