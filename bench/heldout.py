@@ -42,7 +42,8 @@ _ESCAPES = [
     (re.compile(r"\\[ ~0]"), " "),
     (re.compile(r"\\[&|^%:/,]|\\c$"), ""),
     (re.compile(r'\\".*'), ""),                              # comments
-    (re.compile(r"\\(.)"), r"\1"),                           # \- \. \e ...
+    (re.compile(r"\\e"), lambda m: "\\"),                    # the escape character itself
+    (re.compile(r"\\(.)"), r"\1"),                           # \- \. ...
 ]
 _FONT_MACROS = {".B", ".I", ".BR", ".BI", ".IR", ".RB", ".RI", ".IB", ".SM", ".SB"}
 _FAMILY = re.compile(r"[_\-:.]")
