@@ -42,8 +42,7 @@ _ESCAPES = [
     (re.compile(r"\\[ ~0]"), " "),
     (re.compile(r"\\[&|^%:/,]|\\c$"), ""),
     (re.compile(r'\\".*'), ""),                              # comments
-    (re.compile(r"\\e"), lambda m: "\\"),                    # the escape character itself
-    (re.compile(r"\\(.)"), r"\1"),                           # \- \. ...
+    (re.compile(r"\\(.)"), lambda m: "\\" if m.group(1) == "e" else m.group(1)),  # \e, \-, \. ...
 ]
 _FONT_MACROS = {".B", ".I", ".BR", ".BI", ".IR", ".RB", ".RI", ".IB", ".SM", ".SB"}
 _FAMILY = re.compile(r"[_\-:.]")
