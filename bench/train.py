@@ -214,20 +214,22 @@ def setup_jax(name: str, dtype: str, warmup: int, batch: int | None = None, sour
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    box = [state, None]
-    box[0], box[1] = compiled(box[0], data)
-    jax.block_until_ready(box[1])
+    state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
     first_step_s = time.perf_counter() - start
     for _ in range(warmup - 1):
-        box[0], box[1] = compiled(box[0], data)
-    jax.block_until_ready(box[1])
+        state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
 
     def time_steps(n: int) -> float:
+        nonlocal state, metrics
         t = time.perf_counter()
         for _ in range(n):
-            box[0], box[1] = compiled(box[0], data)
-        jax.block_until_ready(box[1])
-        return (time.perf_counter() - t) / n
+            state, metrics = compiled(state, data)
+        jax.block_until_ready(metrics)
+        step_s = (time.perf_counter() - t) / n
+        result["loss"] = float(metrics["loss"])
+        return step_s
 
     step_flops = flops.train_step_flops(model, batch, src, tgt)
     peak = flops.device_peak(model.compute_dtype)
@@ -254,10 +256,11 @@ def with_step_time(result: dict, step_s: float) -> dict:
 
 class Peer:
     """A peer script (TORCH_SCRIPT / FLAX_SCRIPT) serving timings in a subprocess of `python`, on the
-    config and batch shape of a `setup_jax` result. `ready` holds its compile times; None fields on failure."""
+    config and batch shape of a `setup_jax` result. `ready` holds its compile times, `loss` its last step's
+    loss; None fields on failure."""
 
     def __init__(self, label: str, script: str, python: str, result: dict, warmup: int, threads: int):
-        self.label, self.ready = label, None
+        self.label, self.ready, self.loss = label, None, None
         argv = [python, "-c", script, json.dumps(result["config"]), str(result["batch"]),
                 str(result["source_length"]), str(result["target_length"]), result["dtype"], str(warmup),
                 str(threads)]
@@ -284,7 +287,10 @@ class Peer:
         self.proc.stdin.write(f"{n}\n")
         self.proc.stdin.flush()
         answer = self._answer()
-        return answer and answer["step_s"]
+        if answer is None:
+            return None
+        self.loss = answer["loss"]
+        return answer["step_s"]
 
     def close(self):
         if self.proc is not None:
@@ -320,8 +326,8 @@ def bench_shape(name: str, dtype: str, args, peers: list[str]) -> dict:
     for p in ("torch", "flax"):
         step_s = _median(rounds.get(p, []))
         ready = servers[p].ready if p in servers else None
-        result[p] = None if step_s is None or ready is None else {**ready, "step_s": step_s,
-                                                                   "tokens_per_s": tokens / step_s}
+        result[p] = None if step_s is None or ready is None else {
+            **ready, "step_s": step_s, "tokens_per_s": tokens / step_s, "loss": servers[p].loss}
         result[f"speedup_vs_{p}"] = result["tokens_per_s"] / result[p]["tokens_per_s"] if result[p] else None
     return result
 
