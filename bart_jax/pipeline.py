@@ -183,8 +183,8 @@ def _run_main_job(cfg, config_name: str, quick: bool, batch_size: int, allow_con
     from bart_jax.train.loop import finetune, load_or_train_tokenizer, pretrain
 
     started = time.perf_counter()
-    check_job_data(cfg)
     progress.started(config_name, os.path.abspath(cfg.workdir))
+    check_job_data(cfg)
     progress.stage(1, "tokenizer")
     tok, tokenizer_dir = load_or_train_tokenizer(cfg)
     progress.tokenizer_ready(tok.vocab_size, tokenizer_dir)
