@@ -49,6 +49,12 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     # more, smaller pretraining steps in about the same minutes (half the rows per step, 1,000 steps): does
     # copying form by step count rather than by tokens seen?
     "batch_16": ("pretrain.train.batch_size=16", "pretrain.train.steps=1000", "pretrain.schedule.warmup_steps=170"),
+    # the same minutes split otherwise between the stages: a pretraining step costs about two fine-tuning steps,
+    # so 120 pretraining steps trade for 240 fine-tuning steps
+    "split_pretrain": ("pretrain.train.steps=720", "pretrain.train.eval_every=720", "finetune.train.steps=210",
+                       "finetune.train.eval_every=210"),
+    "split_finetune": ("pretrain.train.steps=480", "pretrain.train.eval_every=480", "finetune.train.steps=690",
+                       "finetune.train.eval_every=690"),
     # the reference init of the output bias (zeros) instead of the targets' log prior
     "zero_bias": ("pretrain.logits_bias_init=zeros", "finetune.logits_bias_init=zeros"),
 }
