@@ -35,9 +35,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "d64": ("model.d_model=64", "model.encoder_ffn_dim=256", "model.decoder_ffn_dim=256"),
     "layers_2": ("model.encoder_layers=2", "model.decoder_layers=2"),
     # 2+2 layers take about three quarters of the 3+3 model's minutes: spend the rest on steps
-    "layers_2_more_steps": ("model.encoder_layers=2", "model.decoder_layers=2", "pretrain.train.steps=800",
-                            "pretrain.train.eval_every=800", "finetune.train.steps=600",
-                            "finetune.train.eval_every=600"),
+    "layers_2_longer": ("model.encoder_layers=2", "model.decoder_layers=2", "pretrain.train.steps=800",
+                        "pretrain.train.eval_every=800", "finetune.train.steps=600",
+                        "finetune.train.eval_every=600"),
     "pre_ln": ("model.normalize_before=true", "model.add_final_layer_norm=true"),
     "pretrain_adamw": ("pretrain.optimizer.name=adamw", "pretrain.optimizer.learning_rate=1e-3",
                        "pretrain.optimizer.eps=1e-8"),
