@@ -24,7 +24,7 @@ import time
 # these (bench/RESULTS.md, "Main-job recipe").
 VARIANTS: dict[str, tuple[str, ...]] = {
     "default": (),
-    # the previous default: d 64, 2+2 layers, 512 pieces, dropout 0.1, LAMB 5e-3, 128-token rows
+    # the default before stop 16: d 64, 2+2 layers, 512 pieces, dropout 0.1, LAMB 5e-3, 128-token rows
     "old_tiny": ("model.d_model=64", "model.encoder_layers=2", "model.decoder_layers=2", "model.encoder_ffn_dim=128",
                  "model.decoder_ffn_dim=128", "model.vocab_size=512", "data.tokenizer_vocab_size=512",
                  "model.dropout=0.1", "pretrain.optimizer.learning_rate=5e-3", "pretrain.train.source_length=128",
@@ -33,32 +33,33 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "vocab_2k": ("model.vocab_size=2048", "data.tokenizer_vocab_size=2048"),
     "vocab_8k": ("model.vocab_size=8192", "data.tokenizer_vocab_size=8192"),
     "d64": ("model.d_model=64", "model.encoder_ffn_dim=256", "model.decoder_ffn_dim=256"),
-    "layers_2": ("model.encoder_layers=2", "model.decoder_layers=2"),
-    # 2+2 layers take about three quarters of the 3+3 model's minutes: spend the rest on steps
-    "layers_2_longer": ("model.encoder_layers=2", "model.decoder_layers=2", "pretrain.train.steps=800",
-                        "pretrain.train.eval_every=800", "finetune.train.steps=600",
-                        "finetune.train.eval_every=600"),
+    # the default until stop 22: 3+3 layers, which take a third more time per step, so 600 + 450 steps in about
+    # the same minutes (stop 22's "layers_2_longer", 2+2 with 800 + 600 steps, is the default since)
+    "layers_3": ("model.encoder_layers=3", "model.decoder_layers=3", "pretrain.train.steps=600",
+                 "pretrain.train.eval_every=600", "finetune.train.steps=450", "finetune.train.eval_every=450"),
     "pre_ln": ("model.normalize_before=true", "model.add_final_layer_norm=true"),
     "pretrain_adamw": ("pretrain.optimizer.name=adamw", "pretrain.optimizer.learning_rate=1e-3",
                        "pretrain.optimizer.eps=1e-8"),
     "lr_double": ("pretrain.optimizer.learning_rate=2e-2", "finetune.optimizer.learning_rate=2e-3"),
     "dropout_0.1": ("model.dropout=0.1",),
-    "longer": ("pretrain.train.steps=800", "finetune.train.steps=600"),
+    "longer": ("pretrain.train.steps=1000", "pretrain.train.eval_every=1000", "finetune.train.steps=750",
+               "finetune.train.eval_every=750"),
     # lighter noise: the paper's text infilling alone (no sentence permutation, no random replacements), or the
     # large recipe without the permutation
     "infilling": ("noise.preset=text_infilling",),
     "no_permute": ("noise.permute_sentence_ratio=0.0",),
     # a shorter warm-up: the loss sits on the unigram plateau for the first ~125 steps
     "warmup_30": ("pretrain.schedule.warmup_steps=30", "finetune.schedule.warmup_steps=20"),
-    # more, smaller pretraining steps in about the same minutes (half the rows per step, 1,000 steps): does
+    # more, smaller pretraining steps in about the same minutes (half the rows per step, twice the steps): does
     # copying form by step count rather than by tokens seen?
-    "batch_16": ("pretrain.train.batch_size=16", "pretrain.train.steps=1000", "pretrain.schedule.warmup_steps=170"),
+    "batch_16": ("pretrain.train.batch_size=16", "pretrain.train.steps=1600", "pretrain.train.eval_every=1600",
+                 "pretrain.schedule.warmup_steps=200"),
     # the same minutes split otherwise between the stages: a pretraining step costs about two fine-tuning steps,
-    # so 120 pretraining steps trade for 240 fine-tuning steps
-    "split_pretrain": ("pretrain.train.steps=720", "pretrain.train.eval_every=720", "finetune.train.steps=210",
-                       "finetune.train.eval_every=210"),
-    "split_finetune": ("pretrain.train.steps=480", "pretrain.train.eval_every=480", "finetune.train.steps=690",
-                       "finetune.train.eval_every=690"),
+    # so 160 pretraining steps trade for 320 fine-tuning steps
+    "split_pretrain": ("pretrain.train.steps=960", "pretrain.train.eval_every=960", "finetune.train.steps=280",
+                       "finetune.train.eval_every=280"),
+    "split_finetune": ("pretrain.train.steps=640", "pretrain.train.eval_every=640", "finetune.train.steps=920",
+                       "finetune.train.eval_every=920"),
     # the reference init of the output bias (zeros) instead of the targets' log prior
     "zero_bias": ("pretrain.logits_bias_init=zeros", "finetune.logits_bias_init=zeros"),
 }
