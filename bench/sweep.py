@@ -54,8 +54,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     # copying form by step count rather than by tokens seen?
     "batch_16": ("pretrain.train.batch_size=16", "pretrain.train.steps=1600", "pretrain.train.eval_every=1600",
                  "pretrain.schedule.warmup_steps=200"),
-    # the same minutes split otherwise between the stages: a pretraining step costs about two fine-tuning steps,
-    # so 160 pretraining steps trade for 320 fine-tuning steps
+    # the minutes split otherwise between the stages, trading 160 pretraining steps for 320 fine-tuning steps (a
+    # pretraining step costs two or more fine-tuning steps: stop 22's 3+3 split_pretrain ran ~10% longer)
     "split_pretrain": ("pretrain.train.steps=960", "pretrain.train.eval_every=960", "finetune.train.steps=280",
                        "finetune.train.eval_every=280"),
     "split_finetune": ("pretrain.train.steps=640", "pretrain.train.eval_every=640", "finetune.train.steps=920",
