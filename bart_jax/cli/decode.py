@@ -54,8 +54,6 @@ def _add_model_and_control_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-source-length", type=int, default=None,
                         help="truncate documents to this many tokens (default: max_position_embeddings)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
-    parser.add_argument("--compilation-cache", default=None,
-                        help="directory for JAX's persistent compilation cache (reused across runs)")
     group = parser.add_argument_group("generation controls (override the preset; Hugging Face meanings)")
     for name, control in GENERATION_CONTROLS.items():
         option = "--" + name.replace("_", "-")
@@ -80,11 +78,6 @@ def _setup(args):
     if args.max_source_length is not None and args.max_source_length < 1:
         raise ValueError(f"--max-source-length={args.max_source_length}: must be >= 1 (or left out for the "
                          "model's max_position_embeddings)")
-    if args.compilation_cache:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     overrides = {"dtype": args.dtype} if args.dtype else {}
     config, params, tokenizer = load_model_for_inference(args.checkpoint, args.tokenizer, **overrides)
     return config, params, tokenizer, _controls_from_args(args, config)
