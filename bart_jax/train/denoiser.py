@@ -35,7 +35,8 @@ class DenoiserReport:
 
 
 def make_accuracy_step(model_config: BartConfig, noise_fn: Callable):
-    """step(params, tokens [B, L], index) -> int32 [4]: (clean correct, noised correct, copy correct, targets)."""
+    """step(params, tokens [B, L], index) -> (int32 [4]: clean correct, noised correct, copy correct, targets;
+    the noised input the counts were taken on: 'input_ids' and 'attention_mask' int32 [B, S])."""
     from bart_jax.train.step import make_eval_step
 
     eval_step = make_eval_step(model_config, label_smoothing=0.0)  # counts argmax hits on real target tokens
@@ -49,8 +50,9 @@ def make_accuracy_step(model_config: BartConfig, noise_fn: Callable):
         labels, source = noised["labels"], noised["input_ids"]
         width = min(labels.shape[1], source.shape[1])
         copy_hit = (source[:, :width] == labels[:, :width]) & (labels[:, :width] != pad)
-        return jnp.stack([from_clean["correct"].astype(jnp.int32), from_noised["correct"].astype(jnp.int32),
-                          jnp.sum(copy_hit, dtype=jnp.int32), from_noised["tokens"]])
+        counts = jnp.stack([from_clean["correct"].astype(jnp.int32), from_noised["correct"].astype(jnp.int32),
+                            jnp.sum(copy_hit, dtype=jnp.int32), from_noised["tokens"]])
+        return counts, noised["input_ids"], noised["attention_mask"]
 
     return jax.jit(step)
 
@@ -58,7 +60,8 @@ def make_accuracy_step(model_config: BartConfig, noise_fn: Callable):
 def measure_denoiser(model_config: BartConfig, params, tokenizer, batches: Iterator[dict], noise_fn: Callable,
                      num_batches: int, *, num_beams: int = 4) -> DenoiserReport:
     """Accuracies over `num_batches` batches of clean rows {'tokens': int32 [B, L]} noised by
-    `noise_fn(batch, index)` (the pretraining eval noise), plus a beam reconstruction of the first row."""
+    `noise_fn(batch, index)` (the pretraining eval noise), plus a beam reconstruction of the first measured
+    row (noised as it was measured)."""
     from bart_jax.decode.generate import generate, strip_special
 
     step = make_accuracy_step(model_config, noise_fn)
@@ -69,14 +72,14 @@ def measure_denoiser(model_config: BartConfig, params, tokenizer, batches: Itera
             tokens = np.asarray(next(batches)["tokens"])
         except StopIteration:
             break
-        totals += np.asarray(step(params, tokens, jnp.int32(i)))
+        counts, noised_ids, noised_mask = step(params, tokens, jnp.int32(i))
+        totals += np.asarray(counts)
         if example is None:
-            noised = noise_fn({"tokens": jnp.asarray(tokens[:1])}, jnp.int32(i))
-            out = generate(model_config, params, noised["input_ids"], noised["attention_mask"],
+            out = generate(model_config, params, noised_ids[:1], noised_mask[:1],
                            num_beams=num_beams, max_length=tokens.shape[1], early_stopping=True)
             example = {
                 "clean": tokenizer.decode(strip_special([0, *tokens[0]], model_config)),
-                "noised": tokenizer.decode(strip_special([0, *np.asarray(noised["input_ids"][0])], model_config),
+                "noised": tokenizer.decode(strip_special([0, *np.asarray(noised_ids[0])], model_config),
                                            skip_special_tokens=False),
                 "reconstruction": tokenizer.decode(strip_special(np.asarray(out.sequences[0, 0]), model_config)),
             }
