@@ -3,7 +3,7 @@
 It also fine-tunes the same model from random initialisation with the same budget and scores the lead
 baseline (the document's first sentence), so the printout shows whether pretraining helped.
 
-    bart-jax run                          # the bundled `tiny` config on the built-in corpus, ~10 minutes on 2 CPU cores
+    bart-jax run                          # the bundled `tiny` config on the built-in corpus, ~9 minutes on 2 CPU cores
     bart-jax run --quick                  # a smoke-sized run (< 2 minutes), used by the test suite
     bart-jax run --config base --workdir runs/base mesh.fsdp=8 ...   # same job, bigger config
 
