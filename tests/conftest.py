@@ -5,9 +5,10 @@ import os
 import shutil
 import tempfile
 
+from xla_env import xla_flags  # tests/ is on sys.path (conftest's directory)
+
 # The scheduler flag avoids an XLA:CPU collective deadlock seen on 2-core machines with a (1,2,4) mesh.
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false")
+os.environ.setdefault("XLA_FLAGS", xla_flags(8) + " --xla_cpu_enable_concurrency_optimized_scheduler=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Many tests (and the subprocesses they start, which inherit the environment) compile the very same programs:
@@ -18,6 +19,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"bart_jax_tests_xla_{_RUN_ID}")
+    # Every program, not only those over a second to compile: the suite repeats many small ones.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     _OWN_CACHE = True
 else:
     _OWN_CACHE = False

@@ -18,6 +18,7 @@ from bart_jax.train import config as C
 from bart_jax.train import optim, partitioning
 from bart_jax.train.checkpoint import Checkpointer, read_checkpoint_config, restore_params
 from bart_jax.train.state import abstract_params, create_train_state, state_shardings
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = preset("tiny", vocab_size=128, max_position_embeddings=32)
@@ -79,7 +80,7 @@ CRASH_SCRIPT = textwrap.dedent("""
 
 
 def test_crash_mid_save_leaves_no_valid_looking_checkpoint(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
     proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path)], env=env, timeout=120,
                           capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr[-3000:]

@@ -8,13 +8,15 @@ import sys
 
 import pytest
 
+from xla_env import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_every_stage(tmp_path):
     out = tmp_path / "gpu_check.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1),
            "PYTHONPATH": ROOT}
     # (the timeout is for CPU-bound compiles on a loaded 2-core machine)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--smoke",

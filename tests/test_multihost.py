@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from xla_env import xla_flags
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 240
 
@@ -24,7 +26,7 @@ def free_port() -> int:
 def test_two_processes_match_single_process(tmp_path):
     port = free_port()
     out = tmp_path / "result.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
     log_paths = [tmp_path / f"worker{i}.log" for i in range(2)]
     log_files = [open(path, "w") for path in log_paths]

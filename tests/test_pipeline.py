@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bart_jax.pipeline import JobResult, lead_summary
+from xla_env import xla_flags
 
 
 def test_lead_summary_takes_first_sentence_and_truncates():
@@ -20,7 +21,7 @@ def test_lead_summary_takes_first_sentence_and_truncates():
 def test_quick_main_job(tmp_path):
     # Run as a user runs it: the `bart-jax run` command in its own process, on one CPU device (this process
     # simulates 8 for the sharding tests).
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
     proc = subprocess.run([sys.executable, "-m", "bart_jax", "run", "--quick", "--workdir", str(tmp_path / "run")],
                           env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
