@@ -81,11 +81,9 @@ def seed_overrides(seed: int) -> tuple[str, ...]:
 
 def run_variant(name: str, overrides: tuple[str, ...], workdir: str, seed: int = 0) -> dict:
     """Train and score one variant with one seed on the validation split; returns its row."""
-    from bart_jax.decode.rouge import rouge_scores
-    from bart_jax.pipeline import (DEFAULT_CONFIG, evaluate_denoiser, lead_summaries, split_pairs,
-                                   summarize_documents, summary_controls)
+    from bart_jax.pipeline import DEFAULT_CONFIG, evaluate_denoiser
     from bart_jax.train.config import load_config
-    from bart_jax.train.loop import finetune, load_or_train_tokenizer, pretrain
+    from bart_jax.train.loop import load_or_train_tokenizer, pretrain
 
     cfg = load_config(DEFAULT_CONFIG, [*overrides, *seed_overrides(seed),
                                        f"workdir={os.path.join(workdir, name, str(seed))}",
@@ -98,22 +96,33 @@ def run_variant(name: str, overrides: tuple[str, ...], workdir: str, seed: int =
     pre = pretrain(cfg)
     times["pretrain"] = time.perf_counter() - t
     denoiser = evaluate_denoiser(cfg, pre.model_dir, num_batches=8)
+    scored = finetune_and_score(cfg)
+    times.update(scored.pop("seconds"))
+    minutes = (times["pretrain"] + times["finetune"]) / 60
+    return {"name": name, "seed": seed, "overrides": list(overrides), "seconds": times, "train_minutes": minutes,
+            "rougeL_per_minute": scored["rouge"]["rougeL"] / minutes,
+            "denoiser": {"clean": denoiser.clean_accuracy, "noised": denoiser.noised_accuracy,
+                         "copy": denoiser.copy_accuracy},
+            "pretrain_loss": pre.losses[-1] if pre.losses else None, **scored}
+
+
+def finetune_and_score(cfg) -> dict:
+    """Fine-tune as `cfg` says (from its `finetune.init_from`), then summarize the validation pairs with the main
+    job's controls: ROUGE, the lead baseline's ROUGE on the same pairs, seconds per phase, three examples."""
+    from bart_jax.decode.rouge import rouge_scores
+    from bart_jax.pipeline import lead_summaries, split_pairs, summarize_documents, summary_controls
+    from bart_jax.train.loop import finetune
+
     t = time.perf_counter()
     fine = finetune(cfg)
-    times["finetune"] = time.perf_counter() - t
+    seconds = {"finetune": time.perf_counter() - t}
     pairs = split_pairs(cfg, cfg.data.eval_split)
     documents, references = [p["document"] for p in pairs], [p["summary"] for p in pairs]
     t = time.perf_counter()
     predictions = summarize_documents(fine.model_dir, documents, summary_controls(cfg), batch_size=16)
-    times["decode"] = time.perf_counter() - t
-    rouge = rouge_scores(predictions, references)
-    lead = rouge_scores(lead_summaries(documents, references), references)
-    minutes = (times["pretrain"] + times["finetune"]) / 60
-    return {"name": name, "seed": seed, "overrides": list(overrides), "seconds": times, "train_minutes": minutes,
-            "pairs": len(pairs), "rouge": rouge, "lead": lead, "rougeL_per_minute": rouge["rougeL"] / minutes,
-            "denoiser": {"clean": denoiser.clean_accuracy, "noised": denoiser.noised_accuracy,
-                         "copy": denoiser.copy_accuracy},
-            "pretrain_loss": pre.losses[-1] if pre.losses else None,
+    seconds["decode"] = time.perf_counter() - t
+    return {"seconds": seconds, "pairs": len(pairs), "rouge": rouge_scores(predictions, references),
+            "lead": rouge_scores(lead_summaries(documents, references), references),
             "finetune_eval": fine.eval_metrics, "examples": list(zip(references[:3], predictions[:3]))}
 
 
