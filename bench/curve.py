@@ -37,21 +37,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class _Clock:
-    """A StageReporter that notes when each reported step settled (seconds since the stage was created)."""
+def _step_clock():
+    """A StageReporter that notes, for each reported step, its loss and when it settled (seconds since creation)."""
+    from bart_jax.train.progress import StageReporter
 
-    def __init__(self):
-        from bart_jax.train.progress import StageReporter
+    class StepClock(StageReporter):
+        def __init__(self):
+            self.t0 = time.perf_counter()
+            self.seconds: dict[int, float] = {}
+            self.losses: dict[int, float] = {}
 
-        class Reporter(StageReporter):
-            def step(inner, stage, step_no, metrics, speed):  # noqa: N805 - the clock is the closure
-                self.seconds[step_no] = time.perf_counter() - self.t0
-                self.losses[step_no] = metrics["loss"]
+        def step(self, stage, step_no, metrics, speed):
+            self.seconds[step_no] = time.perf_counter() - self.t0
+            self.losses[step_no] = metrics["loss"]
 
-        self.t0 = time.perf_counter()
-        self.seconds: dict[int, float] = {}
-        self.losses: dict[int, float] = {}
-        self.reporter = Reporter()
+    return StepClock()
 
 
 def run_budget(steps: int, every: int, eval_batches: int, workdir: str, overrides: list[str],
@@ -75,8 +75,8 @@ def run_budget(steps: int, every: int, eval_batches: int, workdir: str, override
                                        "pretrain.train.progress_bar=false", "finetune.train.progress_bar=false",
                                        *overrides])
     load_or_train_tokenizer(cfg)
-    clock = _Clock()
-    result = pretrain(cfg, reporter=clock.reporter)
+    clock = _step_clock()
+    result = pretrain(cfg, reporter=clock)
     model_config, final_params = from_pretrained(result.model_dir)
     tokenizer = load_tokenizer(result.model_dir)
     _, eval_noise = noise_batch_fns(cfg, tokenizer, model_config.decoder_start_token_id)
