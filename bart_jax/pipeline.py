@@ -96,15 +96,21 @@ def evaluate_denoiser(cfg, model_dir: str, num_batches: int):
     """The pretrained model in `model_dir` as a denoiser on the pretraining validation split."""
     from bart_jax.convert import from_pretrained
     from bart_jax.data import load_tokenizer
+
+    config, params = from_pretrained(model_dir)
+    return measure_pretrained(cfg, config, params, load_tokenizer(model_dir), num_batches)
+
+
+def measure_pretrained(cfg, model_config, params, tokenizer, num_batches: int):
+    """`params` (of `model_config`) as a denoiser on the first `num_batches` batches of the pretraining validation
+    split, noised with the run's evaluation noise. Returns a `DenoiserReport`."""
     from bart_jax.train.denoiser import measure_denoiser
     from bart_jax.train.loop import noise_batch_fns, prepared_dataset, stage_batches
 
-    config, params = from_pretrained(model_dir)
-    tok = load_tokenizer(model_dir)
-    batches = stage_batches(cfg, "pretrain", tok, prepared_dataset(cfg, "pretrain"), cfg.pretrain.train.batch_size,
-                            cfg.data.eval_split, shuffle=False)
-    _, eval_noise = noise_batch_fns(cfg, tok, config.decoder_start_token_id)
-    return measure_denoiser(config, params, tok, batches, eval_noise, num_batches)
+    batches = stage_batches(cfg, "pretrain", tokenizer, prepared_dataset(cfg, "pretrain"),
+                            cfg.pretrain.train.batch_size, cfg.data.eval_split, shuffle=False)
+    _, eval_noise = noise_batch_fns(cfg, tokenizer, model_config.decoder_start_token_id)
+    return measure_denoiser(model_config, params, tokenizer, batches, eval_noise, num_batches)
 
 
 def split_pairs(cfg, split: str, limit: int | None = None) -> list[dict]:

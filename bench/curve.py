@@ -62,12 +62,10 @@ def run_budget(steps: int, every: int, eval_batches: int, workdir: str, override
 
     from bart_jax.convert import from_pretrained
     from bart_jax.data import load_tokenizer
-    from bart_jax.pipeline import DEFAULT_CONFIG
+    from bart_jax.pipeline import DEFAULT_CONFIG, measure_pretrained
     from bart_jax.train.checkpoint import restore_params
     from bart_jax.train.config import load_config
-    from bart_jax.train.denoiser import measure_denoiser
-    from bart_jax.train.loop import (load_or_train_tokenizer, noise_batch_fns, prepared_dataset, pretrain,
-                                     stage_batches)
+    from bart_jax.train.loop import load_or_train_tokenizer, pretrain
 
     cfg = load_config(DEFAULT_CONFIG, [f"workdir={workdir}", f"pretrain.train.steps={steps}",
                                        f"pretrain.train.eval_every={steps}", f"pretrain.train.checkpoint_every={every}",
@@ -79,14 +77,11 @@ def run_budget(steps: int, every: int, eval_batches: int, workdir: str, override
     result = pretrain(cfg, reporter=clock)
     model_config, final_params = from_pretrained(result.model_dir)
     tokenizer = load_tokenizer(result.model_dir)
-    _, eval_noise = noise_batch_fns(cfg, tokenizer, model_config.decoder_start_token_id)
     shardings = jax.tree.map(lambda x: x.sharding, final_params)
     rows = []
     for step in sorted(int(n) for n in os.listdir(result.checkpoint_dir) if n.isdigit()):
         params = restore_params(os.path.join(result.checkpoint_dir, str(step)), final_params, shardings)
-        batches = stage_batches(cfg, "pretrain", tokenizer, prepared_dataset(cfg, "pretrain"),
-                                cfg.pretrain.train.batch_size, cfg.data.eval_split, shuffle=False)
-        report = measure_denoiser(model_config, params, tokenizer, batches, eval_noise, eval_batches)
+        report = measure_pretrained(cfg, model_config, params, tokenizer, eval_batches)
         rows.append({"budget": steps, "step": step, "train_min": clock.seconds.get(step, float("nan")) / 60,
                      "loss": clock.losses.get(step, float("nan")), "clean": report.clean_accuracy,
                      "noised": report.noised_accuracy, "copy": report.copy_accuracy, "tokens": report.tokens})
