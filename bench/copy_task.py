@@ -1,13 +1,15 @@
-"""Stability probe (issue #11): a tiny BART trained on a random-token copy task at a high learning rate
+"""Stability probe: a tiny BART trained on a random-token copy task at a high learning rate
 without clipping, with `final_logits_bias` frozen (the default, as Hugging Face's buffer) and trained
 (what bart_jax did before), same seeds, same batches.
 
     python bench/copy_task.py [--steps 1500] [--seeds 0] [--modes frozen,trained] [--out bench/out/copy_task.json]
-    /work/refvenv/bin/python bench/copy_task.py --impl torch [--seeds 0,1,2]   # the PyTorch peer
+    PYTHONPATH=. REFERENCE_PYTHON bench/copy_task.py --impl torch [--seeds 0,1,2]   # the PyTorch peer
 
 --impl torch trains Hugging Face's PyTorch BartForConditionalGeneration (same config, torch's own init per
 seed, `final_logits_bias` a frozen buffer there: mode "frozen") on the same batches with torch.optim.AdamW
-and the same weight-decay mask (kernels and embedding tables), in the python that has torch + transformers.
+and the same weight-decay mask (kernels and embedding tables), in the python that has torch + transformers
+(REFERENCE_PYTHON above: any interpreter with torch, transformers and jax; PYTHONPATH=. lets it import
+bart_jax's presets from the checkout).
 
 Model: preset tiny (d 64, 2+2 layers, 4 heads, ffn 128, vocab 512), dropout 0. Batches: 16 rows of
 `<s> w1..w62 </s>` (--ragged: n in 8..62, right-padded to 64; ids in [4, 511)), target = source. AdamW lr 3e-3,

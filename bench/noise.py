@@ -31,7 +31,7 @@ import noise_reference as R  # noqa: E402
 
 import bart_jax.noise as current_noise  # noqa: E402
 
-MAX_FRACTION = 0.01  # issue #14: the noise may cost at most 1% of a bart-base train step
+MAX_FRACTION = 0.01  # the bar: the noise may cost at most 1% of a bart-base train step
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
