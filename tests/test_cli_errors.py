@@ -29,6 +29,13 @@ TINY = next(p for p in (os.path.join(ROOT, "bart_jax", "configs", "tiny.yaml"),
                         os.path.join(ROOT, "configs", "tiny.yaml")) if os.path.isfile(p))
 
 
+def _copy_model(dst):
+    """A Hugging Face model directory: the fixture's config and weights (not its reference arrays)."""
+    os.makedirs(dst)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(FIXTURES, "bart_default", name), os.path.join(dst, name))
+
+
 def _snapshot(root) -> dict[str, bytes]:
     out = {}
     for directory, _, files in os.walk(root):
@@ -107,8 +114,17 @@ def _setup_row(name, tmp):
         (tmp / "out" / "runs" / "a" / "notes.txt").write_text("precious")
         return ["convert", os.path.join(FIXTURES, "bart_default"), str(tmp / "out")]
     if name == "convert_over_model_without_overwrite":
-        shutil.copytree(os.path.join(FIXTURES, "bart_default"), tmp / "out")
+        _copy_model(tmp / "out")
         return ["convert", os.path.join(FIXTURES, "fairseq_bart", "model.pt"), str(tmp / "out")]
+    if name == "convert_overwrite_user_folder":  # a project folder that happens to have a config.json
+        (tmp / "proj").mkdir()
+        (tmp / "proj" / "config.json").write_text(json.dumps({"theme": "dark"}))
+        (tmp / "proj" / "notes.txt").write_text("precious")
+        return ["convert", os.path.join(FIXTURES, "bart_default"), str(tmp / "proj"), "--overwrite"]
+    if name == "convert_overwrite_model_with_user_file":  # a model folder the user also keeps other files in
+        _copy_model(tmp / "m")
+        (tmp / "m" / "results.csv").write_text("precious")
+        return ["convert", os.path.join(FIXTURES, "fairseq_bart", "model.pt"), str(tmp / "m"), "--overwrite"]
     if name == "convert_onto_itself":
         shutil.copytree(os.path.join(FIXTURES, "bart_default"), tmp / "m")
         (tmp / "m" / "tokenizer.model").write_bytes(b"sp")
@@ -170,9 +186,11 @@ ROWS = [
     ("convert_gpt2_config", "convert", r"model_type='gpt2' is not BART", False),
     ("convert_missing_path", "convert", "no such checkpoint file or directory", False),
     ("convert_random_model_pt", "convert", r"model.pt: not a PyTorch checkpoint", False),
-    ("convert_into_nonempty_dir", "convert", r"is not empty and does not hold a model; refusing", False),
+    ("convert_into_nonempty_dir", "convert", r"is not empty and is not a model directory.*; refusing", False),
     ("convert_over_model_without_overwrite", "convert", r"already holds a model; pass --overwrite", False),
     ("convert_onto_itself", "convert", "is the source checkpoint", False),
+    ("convert_overwrite_user_folder", "convert", r"proj is not empty and is not a model directory", False),
+    ("convert_overwrite_model_with_user_file", "convert", r"m is not empty and is not a model directory", False),
     ("data_text_empty_file", "data", r"split 'train': no non-empty examples in .*empty.txt", False),
     ("data_pairs_all_empty", "data", r"split 'train': no non-empty examples .*empty_pairs': 3", False),
     ("tokenizer_empty_file", "tokenizer", "no text to train on", False),
@@ -240,6 +258,17 @@ def test_convert_copies_tokenizer_and_overwrite_replaces_only_a_model_dir(tmp_pa
     assert main(["convert", str(src), str(out), "--to", "hf", "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
     assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")] == []
+
+
+def test_convert_overwrite_through_a_link_replaces_the_model_it_names(tmp_path, capsys):
+    real = tmp_path / "models" / "bart"
+    _copy_model(real)
+    link = tmp_path / "current"
+    link.symlink_to(real, target_is_directory=True)
+    assert main(["convert", os.path.join(FIXTURES, "bart_default"), str(link), "--overwrite"]) == 0
+    assert link.is_symlink() and os.path.realpath(link) == str(real)
+    assert sorted(os.listdir(real)) == ["bart_config.json", "params.safetensors"]
+    assert [n for d in (tmp_path, real.parent) for n in os.listdir(d) if n.startswith(".tmp-")] == []
 
 
 def test_model_dir_write_is_atomic_and_leftovers_do_not_block(tmp_path):

@@ -7,22 +7,10 @@ import argparse
 import os
 import shutil
 
-from bart_jax.convert import HF_CONFIG, NATIVE_CONFIG, from_pretrained, save_model, save_pretrained
+from bart_jax.convert import from_pretrained, save_model, save_pretrained
+from bart_jax.convert.checkpoints import TOKENIZER_FILES, is_model_dir
 from bart_jax.errors import UserError, check_writable_dir
 from bart_jax.model import param_count
-
-# Tokenizer files a model directory may carry; `convert` copies them along with the weights.
-TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "sentencepiece.bpe.model")
-
-
-def is_model_dir(path: str) -> bool:
-    """A directory holding only files, one of them a model config (what `--overwrite` may replace)."""
-    if not os.path.isdir(path):
-        return False
-    entries = os.listdir(path)
-    return (any(n in entries for n in (NATIVE_CONFIG, HF_CONFIG))
-            and not any(os.path.isdir(os.path.join(path, n)) for n in entries))
 
 
 def _tokenizer_files(source: str) -> list[str]:
@@ -40,9 +28,9 @@ def _check_output_dir(source: str, output: str, overwrite: bool) -> None:
     if os.path.lexists(output) and not os.path.isdir(output):
         raise UserError(f"output {output} exists and is not a directory")
     if os.path.isdir(output) and os.listdir(output):
-        if not is_model_dir(output):
-            raise UserError(f"output {output} is not empty and does not hold a model; refusing to replace it "
-                            "(choose a new or empty directory)")
+        if not is_model_dir(out):
+            raise UserError(f"output {output} is not empty and is not a model directory (it holds files a model "
+                            "directory does not); refusing to replace it (choose a new or empty directory)")
         if not overwrite:
             raise UserError(f"output {output} already holds a model; pass --overwrite to replace it")
     check_writable_dir(os.path.dirname(os.path.abspath(output)), "output")

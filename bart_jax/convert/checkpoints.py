@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import Callable
 
@@ -14,11 +15,47 @@ import numpy as np
 from bart_jax.config import BartConfig
 from bart_jax.convert.layout import (CheckpointError, expected_shapes, flatten, hf_state_dict_to_params,
                                      params_to_hf_state_dict, shape_problems, unflatten)
-from bart_jax.convert.readers import HF_CONFIG, HF_WEIGHTS, read_fairseq, read_hf_state, read_safetensors
+from bart_jax.convert.readers import (HF_CONFIG, HF_INDEX, HF_TORCH, HF_WEIGHTS, read_fairseq, read_hf_state,
+                                      read_safetensors)
 
 NATIVE_CONFIG = "bart_config.json"
 NATIVE_WEIGHTS = "params.safetensors"
+# Tokenizer files a model directory may carry beside its weights (written and copied along by `convert`).
+TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "sentencepiece.bpe.model")
+# Every file a model directory written by bart_jax or Hugging Face holds; a directory with anything else in it
+# is not one, whatever it is called.
+_MODEL_DIR_FILES = frozenset((NATIVE_CONFIG, NATIVE_WEIGHTS, HF_CONFIG, HF_WEIGHTS, HF_INDEX, HF_TORCH,
+                              "generation_config.json", "README.md", ".gitattributes") + TOKENIZER_FILES)
+_HF_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a model directory (what `convert --overwrite` may replace): a real directory (not a
+    link) holding a BART config that parses, the weights it names, and nothing but the files model directories
+    hold (weights, config, tokenizer files). A user's folder that merely has a `config.json` is not one."""
+    path = os.fspath(path)
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    entries = os.listdir(path)
+    if any(not os.path.isfile(os.path.join(path, n)) or os.path.islink(os.path.join(path, n))
+           or not (n in _MODEL_DIR_FILES or _HF_SHARD.fullmatch(n)) for n in entries):
+        return False
+    if NATIVE_CONFIG in entries and NATIVE_WEIGHTS in entries:
+        config_file = NATIVE_CONFIG
+    elif HF_CONFIG in entries and any(n in entries for n in (HF_WEIGHTS, HF_INDEX, HF_TORCH)):
+        config_file = HF_CONFIG
+    else:
+        return False
+    try:
+        with open(os.path.join(path, config_file)) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(config, dict) and "d_model" in config and "vocab_size" in config):
+        return False
+    return config_file == NATIVE_CONFIG or config.get("model_type", "bart") in ("bart", "mbart")
 
 
 def _fsync_path(path: str, directory: bool = False):
@@ -53,7 +90,8 @@ def _atomic_write_dir(target: str, write: Callable[[str], None]):
     import glob
     import shutil
 
-    target = os.path.abspath(target)
+    # Through a link to the directory it names: the link stays a link, pointing at the new directory.
+    target = os.path.realpath(target)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     prefix = ".tmp-" + os.path.basename(target) + "-"
