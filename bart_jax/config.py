@@ -251,5 +251,3 @@ def preset(name: str, **overrides) -> BartConfig:
         raise ValueError(f"unknown preset {name!r}; expected one of {sorted(_PRESETS)}")
     return BartConfig(**{**_PRESETS[name], **overrides})
 
-
-PRESET_NAMES = tuple(_PRESETS)

@@ -14,7 +14,7 @@ stages: set up, train, finalise). The command lines are in bart_jax.cli.train. N
 
 from __future__ import annotations
 
-import importlib
+from bart_jax.lazy import lazy_getattr
 
 _LAZY = {
     "RunConfig": "bart_jax.train.config",
@@ -32,8 +32,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'bart_jax.train' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -29,19 +29,16 @@ from bart_jax.train import flops as flops_lib
 from bart_jax.train import partitioning, resume
 from bart_jax.train.config import RunConfig
 from bart_jax.train.preflight import check_run_config
-from bart_jax.train.inputs import (EVAL_NOISE_SEED_OFFSET, TOKENIZER_PROVENANCE_FILE, as_text,  # noqa: F401
-                                   load_or_train_tokenizer, noise_batch_fns, prepared_dataset, stage_batches)
-from bart_jax.train.progress import Progress, StageReporter, TrainingDiverged, global_shape
-from bart_jax.train.resume import (ALLOW_CONFIG_CHANGE_HELP, ARCH_NEUTRAL_FIELDS, RESUME_CHECKED_KEYS,  # noqa: F401
-                                   check_resume_config, model_config_and_init, resolve_init_from,
-                                   resume_config_changes)
+from bart_jax.train.inputs import (TOKENIZER_PROVENANCE_FILE, as_text, load_or_train_tokenizer,  # noqa: F401
+                                   noise_batch_fns, prepared_dataset, stage_batches)
+from bart_jax.train.progress import Progress, StageReporter, global_shape
+from bart_jax.train.resume import model_config_and_init, resume_config_changes  # noqa: F401
 from bart_jax.train.setup import StageSetup, setup_stage
 from bart_jax.train.step import summarize_eval
 
-__all__ = ["TrainResult", "TrainingDiverged", "Interrupted", "StageReporter", "pretrain", "finetune", "run_stage",
+__all__ = ["TrainResult", "Interrupted", "StageReporter", "pretrain", "finetune", "run_stage",
            "train_loop", "finalise", "load_or_train_tokenizer", "prepared_dataset", "stage_batches", "noise_batch_fns",
-           "model_config_and_init", "resume_config_changes", "check_resume_config", "RESUME_CHECKED_KEYS",
-           "ALLOW_CONFIG_CHANGE_HELP", "TOKENIZER_PROVENANCE_FILE"]
+           "model_config_and_init", "resume_config_changes", "TOKENIZER_PROVENANCE_FILE"]
 
 logger = logging.getLogger(__name__)
 
