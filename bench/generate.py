@@ -1,6 +1,6 @@
 """Beam-search generation speed: bart_jax vs Hugging Face transformers (PyTorch) on the same machine.
 
-CPU table (the issue's setting): bart-base shape with random weights, source length 512, 64 new tokens with
+CPU table: bart-base shape with random weights, source length 512, 64 new tokens with
 min_length = max_length so every system generates exactly the same number of tokens, beams 4 and 6,
 batch 1 and 8. bart_jax's compile time is reported separately (AOT lower + compile); run times are the
 best of --repeats calls after a warm-up (the minimum is the most robust to other load on a shared machine),
