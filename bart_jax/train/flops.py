@@ -1,7 +1,8 @@
 """Model FLOPs of a BART train step and the per-device peak FLOP/s they are compared with (MFU).
 
-The one FLOP counter (`train_step_flops`) and the one peak (`device_peak`) of the train loop's meter and
-of every benchmark script.
+The one FLOP counter (`train_step_flops`) of the train loop's meter and of every benchmark script; the train
+loop states MFU only against a datasheet peak (`datasheet_peak`), benchmark tables also against a measured
+matmul (`device_peak`).
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H200", {"bfloat16": 989.4, "tf32": 494.7, "float32": 66.9}),  # SXM
     ("A100", {"bfloat16": 312.0, "tf32": 156.0, "float32": 19.5}),
 )
-MEASURED = "measured matmul"  # the label of a peak measured on this machine rather than read from a datasheet
+# The label of a matmul rate timed on this machine: a benchmark figure, never an MFU denominator (a busy
+# machine times it low, which would overstate MFU).
+MEASURED = "measured matmul"
 
 
 @dataclasses.dataclass(frozen=True)
 class Peak:
     """One device's peak FLOP/s for a compute dtype, and where the figure comes from (`source`: a datasheet
-    entry, or MEASURED, a matmul timed here, which is below the hardware's peak and so overstates MFU)."""
+    entry, a configured figure, or MEASURED)."""
 
     flops_per_s: float
     source: str
@@ -96,15 +99,19 @@ def _measured_peak(dtype_name: str, device: jax.Device) -> float:
     return measure_matmul_flops(jnp.dtype(dtype_name), device=device)
 
 
-def device_peak(dtype, device: jax.Device | None = None) -> Peak:
-    """Peak FLOP/s of one device for matmuls in compute `dtype`.
-
-    A listed GPU (GPU_PEAK_TFLOPS) gets its datasheet figure; any other device (a CPU, an unlisted GPU)
-    gets the rate of a matmul measured here once per process, labelled MEASURED.
-    """
+def datasheet_peak(dtype, device: jax.Device | None = None) -> Peak | None:
+    """The datasheet peak FLOP/s of one device for matmuls in compute `dtype`: a listed GPU's
+    (GPU_PEAK_TFLOPS), else None (a CPU, an unlisted GPU: no peak to state an MFU against)."""
     device = device or jax.local_devices()[0]
     peaks = datasheet_peaks(device.device_kind) if device.platform == "gpu" else None
-    if peaks is not None:
-        key = _datasheet_key(dtype)
-        return Peak(peaks[key] * 1e12, f"datasheet {device.device_kind} {key} dense")
-    return Peak(_measured_peak(jnp.dtype(dtype).name, device), MEASURED)
+    if peaks is None:
+        return None
+    key = _datasheet_key(dtype)
+    return Peak(peaks[key] * 1e12, f"datasheet {device.device_kind} {key} dense")
+
+
+def device_peak(dtype, device: jax.Device | None = None) -> Peak:
+    """The peak a benchmark table compares with: `datasheet_peak`, or on a device without one the rate of a
+    matmul measured here once per process, labelled MEASURED (a bench figure, below the hardware's peak)."""
+    device = device or jax.local_devices()[0]
+    return datasheet_peak(dtype, device) or Peak(_measured_peak(jnp.dtype(dtype).name, device), MEASURED)

@@ -1,11 +1,18 @@
 """What a running stage reports: each step's metrics brought to the host one step late (so dispatch stays
-asynchronous), recorded, shown (progress bar, or one `StageReporter.step` event per `log_every` steps),
-written to TensorBoard, with throughput and MFU, and the stop on repeated non-finite steps."""
+asynchronous), recorded, shown, written to TensorBoard, with throughput (and MFU where the devices have a
+datasheet peak), and the stop on repeated non-finite steps.
+
+Shown as a progress bar only on a terminal; with the bar off, one `StageReporter.step` event per `log_every`
+steps; with the bar on but stdout or stderr not a terminal (a log file, a pipe), one event per tenth of the
+stage or per `PLAIN_PROGRESS_SECONDS`, whichever comes first, instead of redrawn bar frames.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import sys
 import time
 
 import jax
@@ -14,6 +21,8 @@ from bart_jax.config import BartConfig
 from bart_jax.train import flops as flops_lib
 
 logger = logging.getLogger(__name__)
+
+PLAIN_PROGRESS_SECONDS = 60.0  # longest time between two plain progress lines
 
 
 class TrainingDiverged(RuntimeError):
@@ -31,7 +40,7 @@ class StageReporter:
     def step(self, stage: str, step_no: int, metrics: dict[str, float], speed: dict[str, float]) -> None:
         """Step `step_no` settled (every `log_every` steps and the last; only when the progress bar is off,
         since the bar shows them). metrics: the step's host floats (`loss`, `learning_rate`, ...);
-        speed: `tokens_per_s` and `mfu` since the previous event."""
+        speed: `tokens_per_s` since the previous event, and `mfu` where the devices have a datasheet peak."""
         logger.info("%s", step_line(stage, step_no, metrics, speed))
 
 
@@ -42,15 +51,21 @@ def resumed_line(stage: str, step: int, directory: str) -> str:
 
 def step_line(stage: str, step_no: int, metrics: dict[str, float], speed: dict[str, float]) -> str:
     """The one wording of a `StageReporter.step` event, logged or printed."""
-    return (f"{stage} step {step_no}: loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.3e} "
-            f"tok/s {speed['tokens_per_s']:.0f} mfu {100 * speed['mfu']:.1f}%")
+    line = (f"{stage} step {step_no}: loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.3e} "
+            f"tok/s {speed['tokens_per_s']:.0f}")
+    return line + (f" mfu {100 * speed['mfu']:.1f}%" if "mfu" in speed else "")
 
 
 class _Meter:
-    """Throughput (source + target positions, padding included) and MFU since the last report."""
+    """Throughput (source + target positions, padding included) and MFU since the last report.
 
-    def __init__(self, model_config: BartConfig, peak: float):
+    peak: the peak FLOP/s of all devices from their datasheets, or None (no MFU: a timed matmul is no peak).
+    An MFU above 100% means the peak is wrong for these devices: it is not reported, and a warning says so
+    once per stage."""
+
+    def __init__(self, model_config: BartConfig, peak: float | None):
         self.model_config, self.peak = model_config, peak
+        self.warned = False
         self.t0, self.tokens, self.flops = time.perf_counter(), 0, 0.0
 
     def tick(self, batch: int, source_length: int, target_length: int):
@@ -58,10 +73,27 @@ class _Meter:
         self.flops += flops_lib.train_step_flops(self.model_config, batch, source_length, target_length)
 
     def read(self) -> dict[str, float]:
+        """{'tokens_per_s'} since the last read, with 'mfu' (a fraction <= 1) where it is known."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        out = {"tokens_per_s": self.tokens / dt, "mfu": self.flops / dt / self.peak if self.peak > 0 else 0.0}
+        out = {"tokens_per_s": self.tokens / dt}
+        rate = self.flops / dt
+        if self.peak:
+            if rate <= self.peak:
+                out["mfu"] = rate / self.peak
+            elif not self.warned:
+                self.warned = True
+                logger.warning("model FLOP rate %.4g FLOP/s exceeds the stated peak %.4g FLOP/s: MFU not shown",
+                               rate, self.peak)
         self.t0, self.tokens, self.flops = time.perf_counter(), 0, 0.0
         return out
+
+
+def is_terminal(stream) -> bool:
+    """Whether `stream` is an interactive terminal (a closed or replaced stream is not)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def global_shape(local: dict, stage: str) -> tuple[int, int, int]:
@@ -74,22 +106,27 @@ def global_shape(local: dict, stage: str) -> tuple[int, int, int]:
 
 
 class Progress:
-    """The reporting of one stage's steps `start`..`end` (`train`: its TrainConfig; `peak`: the peak FLOP/s
-    of all devices, for MFU; `reporter`: told about settled steps when the bar is off). `losses` holds every
-    settled step's training loss, in order."""
+    """The reporting of one stage's steps `start`..`end` (`train`: its TrainConfig; `peak`: the datasheet peak
+    FLOP/s of all devices, or None: no MFU; `reporter`: told about settled steps when no bar is drawn).
+    `losses` holds every settled step's training loss, in order."""
 
-    def __init__(self, stage: str, train, model_config: BartConfig, peak: float, run_dir: str, start: int,
+    def __init__(self, stage: str, train, model_config: BartConfig, peak: float | None, run_dir: str, start: int,
                  end: int, reporter: StageReporter):
         self.stage, self.train, self.end, self.reporter = stage, train, end, reporter
         self.losses: list[float] = []
         self.meter = _Meter(model_config, peak)
         self.main_process = jax.process_index() == 0
         self.writer = self.bar = None
+        # With the bar asked for but no terminal to draw it on: plain events every tenth or interval.
+        self.plain_every = (max(1, math.ceil(train.steps / 10))
+                            if train.progress_bar and not (is_terminal(sys.stdout) and is_terminal(sys.stderr))
+                            else None)
+        self.last_plain = time.monotonic()
         if self.main_process:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
-            if train.progress_bar:
+            if train.progress_bar and self.plain_every is None:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=train.steps, initial=start, desc=stage, dynamic_ncols=True)
@@ -107,19 +144,33 @@ class Progress:
                 f"checkpoint is {last_checkpoint()}.")
         if self.bar is not None:
             self.bar.update(1)
-        if step_no % self.train.log_every == 0 or step_no == self.end:
+        if self._due(step_no):
             self._show(step_no, m, self.meter.read())
         return m
 
+    def _due(self, step_no: int) -> bool:
+        """Whether settled step `step_no` is shown: every `log_every` steps (the bar, or the bar off), every
+        tenth of the stage or `PLAIN_PROGRESS_SECONDS` (plain lines instead of a bar), and the last step."""
+        if step_no == self.end:
+            return True
+        if self.plain_every is None:
+            return step_no % self.train.log_every == 0
+        if step_no % self.plain_every == 0 or time.monotonic() - self.last_plain >= PLAIN_PROGRESS_SECONDS:
+            self.last_plain = time.monotonic()
+            return True
+        return False
+
     def _show(self, step_no: int, m: dict[str, float], speed: dict[str, float]) -> None:
         if self.bar is not None:
+            mfu = {"mfu": f"{100 * speed['mfu']:.1f}%"} if "mfu" in speed else {}
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}",
-                                 tok_s=f"{speed['tokens_per_s']:.0f}", mfu=f"{100 * speed['mfu']:.1f}%")
+                                 tok_s=f"{speed['tokens_per_s']:.0f}", **mfu)
         if self.writer is not None:
             for k in ("loss", "nll", "accuracy", "grad_norm", "learning_rate"):
                 self.writer.add_scalar(f"train/{k}", m[k], step_no)
-            self.writer.add_scalar("train/tokens_per_s", speed["tokens_per_s"], step_no)
-            self.writer.add_scalar("train/mfu", speed["mfu"], step_no)
+            for k in ("tokens_per_s", "mfu"):
+                if k in speed:
+                    self.writer.add_scalar(f"train/{k}", speed[k], step_no)
             self.writer.add_scalar("train/skipped_total", m["nonfinite_total"], step_no)
         if self.bar is None and self.main_process:
             self.reporter.step(self.stage, step_no, m, speed)
