@@ -243,11 +243,14 @@ def finalise(s: StageSetup, state, losses: list[float], eval_metrics: dict[str, 
                        nonfinite_total=int(jax.device_get(state.nonfinite_total)), model_config=s.model_config)
 
 
-def _peak_flops(model_config: BartConfig, t) -> float:
+def _peak_flops(model_config: BartConfig, t) -> float | None:
     if t.peak_flops_per_device is not None:
         peak = flops_lib.Peak(t.peak_flops_per_device, "train.peak_flops_per_device")
     else:
-        peak = flops_lib.device_peak(model_config.compute_dtype)
+        peak = flops_lib.datasheet_peak(model_config.compute_dtype)
+    if peak is None:
+        logger.info("no datasheet peak for %s: progress shows tokens/s, not MFU", jax.devices()[0].device_kind)
+        return None
     logger.info("MFU is against %.4g FLOP/s per device (%s) x %d devices", peak.flops_per_s, peak.source,
                 jax.device_count())
     return peak.flops_per_s * jax.device_count()
