@@ -17,9 +17,11 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import time
 from typing import Sequence
 
+from bart_jax.errors import Interrupted, Terminated, UserError
 from bart_jax.train.progress import StageReporter
 
 DEFAULT_CONFIG = "tiny"  # bundled in bart_jax/configs (package data), so a wheel install runs it too
@@ -128,7 +130,6 @@ def split_pairs(cfg, split: str, limit: int | None = None) -> list[dict]:
 def check_job_data(cfg) -> None:
     """Refuse (UserError), before any work, data the job would only fail on minutes later: a split that
     pretraining, fine-tuning or the final table (the test split) needs."""
-    from bart_jax.errors import UserError
     from bart_jax.train.inputs import check_splits, prepared_dataset
 
     check_splits(cfg, "pretrain", prepared_dataset(cfg, "pretrain"))
@@ -176,9 +177,36 @@ def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequen
         all_overrides.append(f"workdir={workdir}")
     cfg = load_config(config_path or DEFAULT_CONFIG, all_overrides)
     check_run_config(cfg)
+    if cfg.distributed.enabled:
+        raise UserError("the main job runs in one process (distributed.enabled=true given): it decodes the test "
+                        "split with beam search on one host; run `bart-jax pretrain` and `bart-jax finetune` in "
+                        "every process instead, then `bart-jax evaluate` in one")
+    progress = _StageTracker(progress or JobProgress())
     with run_directory_lock(cfg.workdir):
-        return _run_main_job(cfg, str(config_path or DEFAULT_CONFIG), quick, batch_size, allow_config_change,
-                             progress or JobProgress())
+        try:
+            return _run_main_job(cfg, str(config_path or DEFAULT_CONFIG), quick, batch_size, allow_config_change,
+                                 progress)
+        except KeyboardInterrupt as e:
+            if isinstance(e, Interrupted):
+                raise  # a training stage saved what it had and said so
+            # Between training stages: what the finished stages saved is kept, and a rerun picks it up.
+            raise Interrupted(f"interrupted during stage {progress.number}/{STAGES} ({progress.title}); finished "
+                              "stages are kept; run the same command to resume",
+                              signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT) from None
+
+
+class _StageTracker:
+    """A JobProgress that remembers the stage the job is in (for the message of an interruption)."""
+
+    def __init__(self, inner: JobProgress):
+        self._inner, self.number, self.title = inner, 0, "starting"
+
+    def stage(self, number: int, title: str) -> None:
+        self.number, self.title = number, title
+        self._inner.stage(number, title)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 def _run_main_job(cfg, config_name: str, quick: bool, batch_size: int, allow_config_change: bool,

@@ -112,10 +112,24 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
     with lock:
         try:
             setup = setup_stage(cfg, stage, allow_config_change=allow_config_change, reporter=reporter)
-            state, losses, eval_metrics = train_loop(setup, stop_at_step=stop_at_step, reporter=reporter)
-            return finalise(setup, state, losses, eval_metrics)
-        except BaseException:
+            # From the first step to the exported model a signal is only recorded, and acted on where the
+            # stage can save: the next step boundary, or the end of the stage.
+            with StopRequest() as stop:
+                state, losses, eval_metrics = train_loop(setup, stop_at_step=stop_at_step, reporter=reporter,
+                                                         stop=stop)
+                result = finalise(setup, state, losses, eval_metrics)
+                signum = StopVote(stop).now()
+            if signum:
+                saved = f"its model is in {result.model_dir}" if result.model_dir else "its checkpoints are saved"
+                raise Interrupted(f"interrupted at the end of {stage} (step {result.final_step}; {saved}); run "
+                                  "the same command to resume", signum)
+            return result
+        except BaseException as e:
             ckpt_lib.close_all()  # no orbax thread may outlive a failed stage (it would print after the error)
+            if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+                # Before the first step (tokenizer, data, compilation): nothing of this stage to save yet.
+                raise Interrupted(f"interrupted while preparing {stage}, before its first step; run the same "
+                                  "command to resume", _signum_of(e)) from None
             raise
 
 
@@ -128,11 +142,16 @@ def initialize_distributed(cfg: RunConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the loop
-def train_loop(s: StageSetup, *, stop_at_step: int | None = None, reporter: StageReporter | None = None):
+def train_loop(s: StageSetup, *, stop_at_step: int | None = None, reporter: StageReporter | None = None,
+               stop: StopRequest | None = None):
     """Steps from `s.state` to the last step (or `stop_at_step`): validation every `eval_every` steps and
     at the end, checkpoints every `checkpoint_every` steps and at the end. Returns (state, losses of the
-    steps run, last validation metrics). On SIGINT / SIGTERM: checkpoint the step reached, raise Interrupted.
-    `reporter` (default: `StageReporter`, which logs) is told about settled steps when the bar is off."""
+    steps run, last validation metrics). `reporter` (default: `StageReporter`, which logs) is told about
+    settled steps when the bar is off.
+
+    SIGINT / SIGTERM (recorded by `stop`, default: handlers installed for the loop) stop the loop at a step
+    boundary that every process agrees on (`StopVote`); a signal during the last step or the final
+    evaluation is honoured after them. Either way the step reached is checkpointed and Interrupted raised."""
     from bart_jax.data import to_global_batch
 
     t = s.train
@@ -143,12 +162,14 @@ def train_loop(s: StageSetup, *, stop_at_step: int | None = None, reporter: Stag
     batch_sharding = partitioning.batch_sharding(s.mesh)
     state, eval_metrics = s.state, {}
     pending = None  # (step number, device metrics, shape): read one step late to keep dispatch async
-    stop = _StopRequest() if jax.process_count() == 1 else None
-    completed = interrupted = False
+    own_stop = stop is None
+    stop = StopRequest() if own_stop else stop
+    vote = StopVote(stop)
+    signum, completed = None, False
     try:
         for step in range(start, end):
-            if stop is not None and stop.signum is not None:
-                interrupted = True
+            signum = vote.at_boundary()
+            if signum:
                 break  # a step boundary: everything before this step is in `state`
             local = {k: v for k, v in next(s.train_batches).items() if k != "example_id"}
             state, metrics = s.train_step(state, to_global_batch(local, batch_sharding))
@@ -171,11 +192,12 @@ def train_loop(s: StageSetup, *, stop_at_step: int | None = None, reporter: Stag
                                 metrics=eval_metrics if ranked else None)
         if pending is not None:
             progress.settle(*pending, s.last_checkpoint)
-        if interrupted:
-            raise _save_on_interrupt(s, state, stop.signum)
+        signum = signum or vote.now()  # a signal during the last step or the final evaluation
+        if signum:
+            raise _save_on_interrupt(s, state, signum)
         completed = True
     finally:
-        if stop is not None:
+        if own_stop:
             stop.restore()
         progress.close()
         s.ckpt.wait()
@@ -266,9 +288,10 @@ def _gather_params(params):
 
 
 # ------------------------------------------------------------------------------------------ stopping
-class _StopRequest:
-    """SIGINT / SIGTERM handlers that only record the signal, so the loop stops at a step boundary; a
-    second signal interrupts at once. Handlers are installed only from the main thread."""
+class StopRequest:
+    """SIGINT / SIGTERM handlers that only record the signal, so a stage stops where it can save (see
+    `train_loop`); a second signal interrupts at once. Installed only from the main thread (elsewhere
+    nothing is recorded). A context manager: the previous handlers come back on exit."""
 
     def __init__(self):
         self.signum = None
@@ -286,6 +309,59 @@ class _StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+class StopVote:
+    """The signal (or None) that every process of the job agrees to stop on: the largest signal number any
+    process recorded in its `StopRequest`.
+
+    One process needs no vote. With several, each step boundary queues this process's signal into a max
+    over all devices (a tiny collective, dispatched asynchronously like the train step), and reads the vote
+    queued at the previous boundary, which ran before the previous step and so is ready without waiting for
+    the step in flight: every process reads the same vote at the same boundary, so all stop at the same step.
+    """
+
+    def __init__(self, stop: StopRequest):
+        self.stop = stop
+        self._queued = None
+        if jax.process_count() > 1:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+            mesh = Mesh(np.asarray(jax.devices()), ("all",))
+            self._sharding = NamedSharding(mesh, PartitionSpec("all"))
+            self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def at_boundary(self) -> int | None:
+        """The vote of the previous boundary (None at the first); queues this one's."""
+        if jax.process_count() == 1:
+            return self.stop.signum
+        previous, self._queued = self._queued, self._queue()
+        return None if previous is None else self._read(previous)
+
+    def now(self) -> int | None:
+        """A vote taken now (waits for every process to reach it)."""
+        if jax.process_count() == 1:
+            return self.stop.signum
+        self._queued = None
+        return self._read(self._queue())
+
+    def _queue(self):
+        local = np.full((jax.local_device_count(),), self.stop.signum or 0, np.int32)
+        return self._max(jax.make_array_from_process_local_data(self._sharding, local))
+
+    @staticmethod
+    def _read(vote) -> int | None:
+        return int(np.asarray(vote.addressable_data(0))) or None
+
+
+def _signum_of(e: KeyboardInterrupt) -> int:
+    return signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
 
 
 def _save_on_interrupt(s: StageSetup, state, signum) -> Interrupted:
