@@ -211,10 +211,11 @@ class StdlibDocs(_Builder):
 
 class PreparedDataset(collections.abc.Mapping):
     """A prepared dataset: split -> random-access data source (tfds ArrayRecordDataSource), plus
-    `path` (the dataset's version directory) and `stats` (split -> input statistics)."""
+    `path` (the dataset's version directory), `stats` (split -> input statistics) and `fingerprint` (of the
+    inputs and options it was built from: a rebuild from other files changes it)."""
 
-    def __init__(self, path: str, sources: dict, stats: dict):
-        self.path, self._sources, self.stats = path, dict(sources), stats
+    def __init__(self, path: str, sources: dict, stats: dict, fingerprint: str | None = None):
+        self.path, self._sources, self.stats, self.fingerprint = path, dict(sources), stats, fingerprint
 
     def __getitem__(self, split):
         if split not in self._sources:
@@ -235,8 +236,9 @@ class PreparedDataset(collections.abc.Mapping):
 def load_prepared(path: str | os.PathLike) -> PreparedDataset:
     """Opens a prepared dataset from its version directory (`PreparedDataset.path`); needs no builder code."""
     builder = tfds.builder_from_directory(os.fspath(path))
-    return PreparedDataset(os.fspath(path), builder.as_data_source(),
-                           dict(builder.info.metadata or {}).get("stats", {}))
+    metadata = dict(builder.info.metadata or {})
+    return PreparedDataset(os.fspath(path), builder.as_data_source(), metadata.get("stats", {}),
+                           metadata.get("fingerprint"))
 
 
 def _prepare(builder_cls, config, data_dir, fingerprint: str, overwrite: bool) -> PreparedDataset:

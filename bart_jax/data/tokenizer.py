@@ -14,6 +14,7 @@ CLI: `bart-jax tokenizer train|encode|decode ...` (bart_jax.cli.data).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -53,6 +54,11 @@ class SentencePieceTokenizer:
 
     def __getstate__(self):
         return {"model_proto": self._model_proto}
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity by content (the serialized model): equal fingerprints encode text alike."""
+        return "spm:" + hashlib.sha256(self._model_proto).hexdigest()[:16]
 
     def __setstate__(self, state):
         self.__init__(state["model_proto"])
@@ -189,6 +195,11 @@ class Gpt2BpeTokenizer:
 
     def __getstate__(self):
         return {"vocab_json": self._vocab_json, "merges_txt": self._merges_txt}
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity by content (vocab.json and merges.txt): equal fingerprints encode text alike."""
+        return "bpe:" + hashlib.sha256(self._vocab_json + b"\0" + self._merges_txt).hexdigest()[:16]
 
     def __setstate__(self, state):
         self.__init__(state["vocab_json"], state["merges_txt"])

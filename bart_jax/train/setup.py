@@ -15,10 +15,9 @@ from jax.sharding import Mesh
 
 from bart_jax.config import BartConfig
 from bart_jax.train import checkpoint as ckpt_lib
-from bart_jax.train import optim, partitioning, resume
+from bart_jax.train import optim, partitioning, provenance, resume
 from bart_jax.train.config import RunConfig, TrainConfig
-from bart_jax.train.inputs import (check_splits, load_or_train_tokenizer, noise_batch_fns, prepared_dataset,
-                                   stage_batches)
+from bart_jax.train.inputs import check_splits, noise_batch_fns, prepared_dataset, stage_batches
 from bart_jax.train.prior import target_log_prior, with_logits_bias
 from bart_jax.train.progress import StageReporter
 from bart_jax.train.state import TrainState, boxed_abstract_params, init_train_state, state_shardings
@@ -62,7 +61,8 @@ class StageSetup:
 
     def checkpoint_config(self) -> dict:
         """What each checkpoint stores beside the state (read back by `resume` and `init_from`)."""
-        return {"run": self.cfg.to_dict(), "stage": self.stage, "model_config": self.model_config.to_dict()}
+        return {"run": self.cfg.to_dict(), "stage": self.stage, "model_config": self.model_config.to_dict(),
+                "inputs": provenance.stage_inputs(self.tokenizer, self.dataset)}
 
     def last_checkpoint(self) -> str:
         """'step N in DIR' of the newest finished checkpoint (after pending saves)."""
@@ -78,12 +78,13 @@ def setup_stage(cfg: RunConfig, stage: str, *, allow_config_change: bool = False
     sc = cfg.stage(stage)
     t = sc.train
     run_dir = os.path.abspath(cfg.run_dir(stage))
-    tok, tokenizer_dir = load_or_train_tokenizer(cfg)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.checkpoint)
+    resumed_from = ckpt.latest_step()
+    resume_dir = None if resumed_from is None else os.path.join(ckpt.directory, str(resumed_from))
+    tok, tokenizer_dir = provenance.stage_tokenizer(cfg, stage, resume_dir)
     mesh = partitioning.make_mesh(cfg.mesh)
     local_batch = _local_batch(stage, t, mesh)
 
-    ckpt = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.checkpoint)
-    resumed_from = ckpt.latest_step()
     model_config, init = resume.starting_point(cfg, stage, ckpt, allow_config_change)
     _check_model_fits(stage, t, model_config, tok)
 
@@ -94,6 +95,8 @@ def setup_stage(cfg: RunConfig, stage: str, *, allow_config_change: bool = False
 
     dataset = prepared_dataset(cfg, stage)
     check_splits(cfg, stage, dataset)
+    if resume_dir is not None:
+        provenance.check_dataset_unchanged(resume_dir, dataset, stage, allow_config_change)
     train_batches = stage_batches(cfg, stage, tok, dataset, local_batch, cfg.data.train_split, shuffle=True,
                                   decoder_start_id=model_config.decoder_start_token_id)
     if resumed_from is not None:
