@@ -295,7 +295,14 @@ def pick_batches(s: dict, step, plan: dict, spec: dict, limit: int | None, deadl
     b = max([x for x in grid if x <= spec["first_batch"] * limit / (72 * 2 ** 30)] or [grid[0]])
     points, best = {}, None
     for _ in range(3):
-        compiled, seconds, mem, fits = compile_try(b)
+        try:
+            compiled, seconds, mem, fits = compile_try(b)
+        except Exception as e:  # noqa: BLE001 - a compiler that refuses the size: try half of it
+            if not is_oom(e):
+                raise
+            tried.append({"batch": b, "oom": str(e).splitlines()[0][:200]})
+            b = max([x for x in grid if x <= b // 2] or [grid[0]])
+            continue
         if mem is None:  # no buffer assignment to read: out-of-memory errors at run time decide
             best = (b, compiled, seconds, mem)
             break
@@ -311,7 +318,7 @@ def pick_batches(s: dict, step, plan: dict, spec: dict, limit: int | None, deadl
         b = nb
     if best is not None:
         yield best
-    top = best[0] if best else min(points)
+    top = best[0] if best else min(points or [b])
     for b in reversed(grid):
         if b < top:
             yield b, *compile_try(b)[:3]

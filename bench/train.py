@@ -7,8 +7,8 @@ For each model shape and compute dtype: one jitted train step (AdamW, label smoo
 fp32 master weights) on one device, timed over several steps after compilation. MFU = model FLOPs per
 step (bart_jax.train.flops.train_step_flops: 3 x the forward's matmul FLOPs) / step time / the device's
 peak in that dtype (bart_jax.train.flops.device_peak: a GPU's datasheet figure; on CPU the rate of a
-matmul measured in this run, labelled "measured matmul"). If /work/refvenv/bin/python (or --torch-python) has torch +
-transformers, the same model config and batch are trained in the same run by two peers, each in a
+matmul measured in this run, labelled "measured matmul"). If --torch-python (default: this python, when it
+has torch + transformers) names an interpreter with torch + transformers, the same model config and batch are trained in the same run by two peers, each in a
 subprocess of that python: PyTorch (BartForConditionalGeneration + torch.optim.AdamW, bf16 via CPU
 autocast) and HF Flax (FlaxBartForConditionalGeneration, random weights, a jitted value_and_grad +
 optax.adamw step, `dtype=bfloat16` compute with fp32 parameters for bf16); throughput ratios are reported
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
                         help="rounds: each implementation times --steps steps in turn; the median round counts")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1: the first compiles)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPUs for every run (ours and peers)")
-    parser.add_argument("--torch-python", default="/work/refvenv/bin/python",
+    parser.add_argument("--torch-python", default=None,
                         help="python with torch + transformers (+ jax, flax, optax for the HF Flax peer); "
                              "'' to skip both peers")
     parser.add_argument("--peers", default="torch,flax", help="comma list of peers to run: torch, flax")
@@ -367,6 +367,11 @@ def main(argv=None) -> int:
     if set(peers) - {"torch", "flax"}:
         parser.error(f"--peers: expected torch and/or flax, got {peers}")
     device = jax.devices()[0]
+    if args.torch_python is None:  # this python, if it has the peers' packages (as bench/generate.py)
+        import importlib.util
+
+        has_peers = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+        args.torch_python = sys.executable if has_peers else ""
     use_peers = bool(args.torch_python) and os.path.exists(args.torch_python)
     rows = []
     for name in shapes:

@@ -146,3 +146,19 @@ def test_batch_search_grows_a_fitting_first_batch_while_time_allows(monkeypatch)
     assert next(gen)[0] == 224 and [t["batch"] for t in tried] == [112, 224]  # 224 rows: 128 GiB
     gen, tried = _pick(monkeypatch, deadline_s=0.0, limit_gib=141, first_batch=64)
     assert next(gen)[0] == 112 and [t["batch"] for t in tried] == [112]
+
+
+def test_batch_search_steps_down_when_the_compiler_runs_out_of_memory(monkeypatch):
+    gen, tried = _pick(monkeypatch, deadline_s=1e6, limit_gib=80)
+    import gpu_check
+
+    fits = gpu_check.compile_at
+
+    def compile_at(s, step, b):
+        if b > 100:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return fits(s, step, b)
+
+    monkeypatch.setattr(gpu_check, "compile_at", compile_at)
+    assert next(gen)[0] == 64
+    assert "oom" in tried[0] and tried[0]["batch"] == 128 and tried[1]["batch"] == 64
