@@ -40,6 +40,14 @@ class Terminated(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
+def check_input_file(path: str | os.PathLike, what: str) -> None:
+    """Raise UserError unless `path` is a readable file (a directory or a missing path says which)."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} {os.fspath(path)}: is a directory; give a file (or the files in it)")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {os.fspath(path)}: no such file")
+
+
 def check_writable_dir(path: str | os.PathLike, what: str) -> None:
     """Raise UserError unless directory `path` exists and is writable, or could be created (its nearest
     existing ancestor is a writable directory). Creates nothing."""
@@ -55,3 +63,18 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{what} {path}: {probe} is not writable (read-only file system or no permission); "
                         "choose another path")
+
+
+def check_platform() -> None:
+    """Raise UserError when JAX cannot start the platforms JAX_PLATFORMS names (e.g. 'cuda' on a machine
+    without a GPU or without jax's CUDA plugin), before anything else asks JAX for a device."""
+    import jax
+
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError, ValueError) as e:
+        wanted = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
+        detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise UserError(f"JAX_PLATFORMS={wanted!r}: JAX cannot start it on this machine"
+                        + (f" ({detail})" if detail else "")
+                        + "; unset JAX_PLATFORMS or name a platform this machine has (e.g. cpu)") from None

@@ -165,6 +165,48 @@ def _setup_row(name, tmp):
         (tmp / "afile").write_text("mine")
         (tmp / "c.txt").write_text("some text\n")
         return ["data", "text", "--data-dir", str(tmp / "afile" / "d"), "--train", str(tmp / "c.txt")]
+    if name == "tokenizer_input_missing":  # was trained on the path string itself
+        return ["tokenizer", "train", "--input", str(tmp / "nowhere.txt"), "--out", str(tmp / "tok")]
+    if name == "tokenizer_vocab_too_large":
+        (tmp / "c.txt").write_text("hello world this is a tiny corpus.\nanother line here.\n")
+        return ["tokenizer", "train", "--input", str(tmp / "c.txt"), "--out", str(tmp / "tok")]
+    if name == "tokenizer_vocab_below_characters":
+        (tmp / "cjk.txt").write_text("".join(chr(0x4E00 + i) for i in range(600)) + "\n")
+        return ["tokenizer", "train", "--input", str(tmp / "cjk.txt"), "--out", str(tmp / "tok"),
+                "--vocab-size", "300"]
+    if name == "tokenizer_one_huge_line":
+        (tmp / "big.txt").write_text("word " * 8000)
+        return ["tokenizer", "train", "--input", str(tmp / "big.txt"), "--out", str(tmp / "tok"),
+                "--vocab-size", "300"]
+    if name == "tokenizer_truncated_gz":
+        import gzip
+
+        data = gzip.compress(b"some text line here.\n" * 5000)
+        (tmp / "c.txt.gz").write_bytes(data[:len(data) // 2])
+        return ["tokenizer", "train", "--input", str(tmp / "c.txt.gz"), "--out", str(tmp / "tok"),
+                "--vocab-size", "300"]
+    if name == "tokenizer_decode_out_of_range":
+        return ["tokenizer", "decode", "--tokenizer", os.path.join(FIXTURES, "tokenizer_bpe"), "5", "99999"]
+    if name == "tokenizer_not_a_model_file":
+        (tmp / "notes.txt").write_text("not a tokenizer")
+        return ["tokenizer", "encode", "--tokenizer", str(tmp / "notes.txt"), "hello"]
+    if name == "data_text_given_pairs":
+        (tmp / "p.jsonl").write_text(json.dumps({"document": "a b", "summary": "c"}) + "\n")
+        return ["data", "text", "--data-dir", str(tmp / "d"), "--train", str(tmp / "p.jsonl")]
+    if name == "data_pairs_given_text":
+        (tmp / "t.jsonl").write_text(json.dumps({"text": "a b"}) + "\n")
+        return ["data", "pairs", "--data-dir", str(tmp / "d"), "--train", str(tmp / "t.jsonl")]
+    if name == "data_pairs_tsv_without_header":
+        (tmp / "p.tsv").write_text("a long document\ta summary\nanother\tone\n")
+        return ["data", "pairs", "--data-dir", str(tmp / "d"), "--train", str(tmp / "p.tsv")]
+    if name == "generate_input_is_a_directory":
+        (tmp / "docs").mkdir()
+        return ["generate", "--checkpoint", os.path.join(FIXTURES, "bart_default"), "--tokenizer",
+                os.path.join(FIXTURES, "tokenizer_bpe"), "--input", str(tmp / "docs")]
+    if name == "base_config_on_this_machine":  # sized for GPU pods: refused before allocating anything
+        return ["pretrain", "--config", "base", w]
+    if name == "run_batch_size_zero":
+        return ["run", "--workdir", _workdir(tmp), "--batch-size", "0"]
     raise KeyError(name)
 
 
@@ -197,6 +239,19 @@ ROWS = [
     ("tokenizer_latin1_file", "tokenizer", r"latin.txt:1: undecodable bytes \(not UTF-8\)", False),
     ("tokenizer_out_under_file", "tokenizer", r"--out .*afile is a file, not a directory", False),
     ("data_dir_under_file", "data", r"--data-dir .*afile is a file, not a directory", False),
+    ("tokenizer_input_missing", "tokenizer", r"--input .*nowhere.txt: no such file", False),
+    ("tokenizer_vocab_too_large", "tokenizer", r"vocabulary size 8000 is more than .* \(at most \d+ pieces\)", False),
+    ("tokenizer_vocab_below_characters", "tokenizer", r"vocabulary size 300 is less than the \d+ distinct", False),
+    ("tokenizer_one_huge_line", "tokenizer", r"SentencePiece trains on lines", False),
+    ("tokenizer_truncated_gz", "tokenizer", r"c.txt.gz: truncated or corrupt gzip file", False),
+    ("tokenizer_decode_out_of_range", "tokenizer", r"ids \[99999\] are outside the tokenizer's vocabulary", False),
+    ("tokenizer_not_a_model_file", "tokenizer", r"notes.txt: not a SentencePiece tokenizer model", False),
+    ("data_text_given_pairs", "data", r"missing field 'text'.*looks like summarization pairs.*data pairs", False),
+    ("data_pairs_given_text", "data", r"missing field 'document'.*looks like a text corpus.*data text", False),
+    ("data_pairs_tsv_without_header", "data", r"p.tsv:1: the first line of a TSV file is its header row", False),
+    ("generate_input_is_a_directory", "generate", r"--input .*docs: is a directory", False),
+    ("base_config_on_this_machine", "pretrain", r"needs more memory than a device here has.*sized for GPU", True),
+    ("run_batch_size_zero", "run", r"--batch-size=0: must be >= 1", True),
     ("generate_negative_source_length", "generate", r"--max-source-length=-5: must be >= 1", False),
     ("generate_output_under_file", "generate", r"--output .*afile is a file, not a directory", False),
     ("evaluate_output_dir_under_file", "evaluate", r"--output-dir .*afile is a file, not a directory", False),
@@ -225,6 +280,69 @@ def test_read_only_workdir_is_refused_before_any_work(tmp_path, capsys, monkeypa
     assert main(["pretrain", f"workdir={tmp_path / 'run'}"]) == 2
     _assert_one_line_error(capsys, "pretrain", r"is not writable \(read-only file system or no permission\)")
     assert os.listdir(tmp_path) == []
+
+
+def test_platform_the_machine_lacks_is_one_line(tmp_path, monkeypatch, capsys):
+    import jax
+
+    def no_such_platform(*args, **kwargs):
+        raise RuntimeError("Unable to initialize backend 'cuda': no such platform")
+
+    monkeypatch.setattr(jax, "devices", no_such_platform)
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert main(["pretrain", f"workdir={tmp_path / 'run'}"]) == 2
+    _assert_one_line_error(capsys, "pretrain", r"JAX_PLATFORMS='cuda': JAX cannot start it on this machine")
+    assert main(["generate", "--checkpoint", str(tmp_path)]) == 2
+    _assert_one_line_error(capsys, "generate", r"JAX_PLATFORMS='cuda'")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_version_and_debug_logging(capsys):
+    assert main(["--version"]) == 0
+    assert re.fullmatch(r"bart-jax \S+ \(jax \S+, flax \S+, optax \S+\)\n", capsys.readouterr().out)
+    root, ours = logging.getLogger(), logging.getLogger("bart_jax")
+    saved = root.level, ours.level
+    try:
+        with pytest.raises(ValueError):
+            main(["--debug", "convert", "/nonexistent-model-dir", "/nonexistent-out"])
+        # bart_jax's debug messages on, JAX's and every other library's not
+        assert ours.getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("jax").getEffectiveLevel() >= logging.WARNING
+    finally:
+        root.setLevel(saved[0])
+        ours.setLevel(saved[1])
+
+
+def test_data_prints_a_pasteable_override(tmp_path, capsys):
+    (tmp_path / "my corpus.txt").write_text("".join(f"document number {i}.\n" for i in range(4)))
+    assert main(["data", "text", "--data-dir", str(tmp_path / "d"), "--train", str(tmp_path / "my corpus.txt"),
+                 "--holdout-every", "0"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data.pretrain_source="))
+    import shlex
+
+    (value,) = shlex.split(line.split("=", 1)[1])
+    assert os.path.isabs(value) and os.path.isdir(value)
+
+
+def test_generate_says_how_many_documents_were_truncated(caplog):
+    from bart_jax import preset
+    from bart_jax.data.tokenizer import load_tokenizer
+    from bart_jax.decode.generate import generate_texts
+    from bart_jax.model import Bart
+
+    import jax
+    import jax.numpy as jnp
+
+    config = preset("tiny", vocab_size=512, d_model=16, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32,
+                    decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
+                    max_position_embeddings=16)
+    ids = jnp.ones((1, 4), jnp.int32)
+    params = Bart(config).init(jax.random.PRNGKey(0), ids, ids, ids)["params"]
+    tok = load_tokenizer(os.path.join(FIXTURES, "tokenizer_bpe"))
+    docs = ["short one.", "a much longer document " * 20, "another very long document " * 20]
+    with caplog.at_level(logging.WARNING, logger="bart_jax"):
+        list(generate_texts(docs, config, params, tok, batch_size=2, num_beams=1, max_length=4))
+    assert any("2 of 3 documents were longer than 16 tokens" in r.getMessage() for r in caplog.records)
 
 
 def test_debug_flag_reraises(tmp_path):

@@ -27,9 +27,21 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: bart-jax <command> [args...]", "", "commands:"]
+    lines = ["usage: bart-jax [--version] [--debug] <command> [args...]", "", "commands:"]
     lines += [f"  {name:<10} {doc}" for name, (_, _, doc) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"bart-jax {of('bart_jax')} (jax {of('jax')}, flax {of('flax')}, optax {of('optax')})"
 
 
 def _one_line(e: BaseException) -> str:
@@ -47,11 +59,13 @@ def _raise_terminated(signum, frame):
 
 
 def _configure_logging(debug: bool) -> None:
-    """Libraries log through `logging`; the command line shows warnings (everything with --debug). absl's
-    logger carries orbax's and TFDS's routine notices (e.g. a read-only restore), kept for --debug."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not debug:
+    """Libraries log through `logging`; the command line shows warnings (and bart_jax's debug messages with
+    --debug). absl's logger carries orbax's and TFDS's routine notices (e.g. a read-only restore), kept for
+    --debug."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if debug:  # bart_jax's own messages only: JAX's and XLA's debug logging would bury them
+        logging.getLogger("bart_jax").setLevel(logging.DEBUG)
+    else:
         logging.getLogger("absl").setLevel(logging.ERROR)
 
 
@@ -91,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
+    if argv[0] == "--version":
+        print(_version())
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"bart-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
@@ -106,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        if name in ("generate", "evaluate"):  # (training commands check in preflight, after any distributed start)
+            from bart_jax.errors import check_platform
+
+            check_platform()
         fn = getattr(importlib.import_module(module), func)
         return int(fn(rest) or 0)
     except Interrupted as e:

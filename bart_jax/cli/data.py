@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
+import shlex
 import time
+
+from bart_jax.errors import UserError
 
 
 DEFAULT_HOLDOUT_EVERY = 100  # 1%: training and `run` want a validation split; few corpora come with one
@@ -56,6 +60,7 @@ def cli_data(argv: list[str]) -> int:
     if args.command == "builtin":
         kinds = ("documents", "pairs") if args.kind == "both" else (args.kind,)
         prepared = [prepare_builtin(args.data_dir, kind, overwrite=args.overwrite) for kind in kinds]
+        pairs_paths = {ds.path for kind, ds in zip(kinds, prepared) if kind == "pairs"}
     else:
         split_paths = {split: getattr(args, split) for split in SPLITS}
         holdout_every = args.holdout_every
@@ -65,12 +70,17 @@ def cli_data(argv: list[str]) -> int:
             prepared = [prepare_text_corpus(split_paths, args.data_dir, name=args.name,
                                             text_field=args.text_field, blank_line_docs=args.blank_line_docs,
                                             holdout_every=holdout_every, overwrite=args.overwrite)]
+            pairs_paths = set()
         else:
             prepared = [prepare_pairs(split_paths, args.data_dir, name=args.name,
                                       document_field=args.document_field, summary_field=args.summary_field,
                                       holdout_every=holdout_every, overwrite=args.overwrite)]
+            pairs_paths = {prepared[0].path}
     for ds in prepared:
         print(json.dumps({"path": ds.path, "sizes": {s: len(ds[s]) for s in ds}, "stats": ds.stats}))
+    for ds in prepared:  # ready to paste as a run override
+        key = "data.finetune_source" if ds.path in pairs_paths else "data.pretrain_source"
+        print(f"{key}={shlex.quote(os.path.abspath(ds.path))}")
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0
 
@@ -102,11 +112,13 @@ def cli_tokenizer(argv: list[str]) -> int:
     from bart_jax.data.tokenizer import SPM_MODEL_FILE, load_tokenizer, train_tokenizer
 
     if args.command == "train":
-        from bart_jax.errors import check_writable_dir
+        from bart_jax.errors import check_input_file, check_writable_dir
 
         check_writable_dir(args.out, "--out")  # before the training, not after it
         if args.input:
-            texts = args.input
+            texts = [pathlib.Path(p) for p in args.input]  # files, never the path strings as text
+            for path in texts:
+                check_input_file(path, "--input")
         else:
             from bart_jax.data.builtin import builtin_documents
 
@@ -122,5 +134,9 @@ def cli_tokenizer(argv: list[str]) -> int:
         print(" ".join(map(str, ids)))
         print(" ".join(tok.id_to_token(i) for i in ids))
     else:
-        print(load_tokenizer(args.tokenizer).decode(args.ids, skip_special_tokens=False))
+        tok = load_tokenizer(args.tokenizer)
+        bad = [i for i in args.ids if not 0 <= i < tok.vocab_size]
+        if bad:
+            raise UserError(f"ids {bad} are outside the tokenizer's vocabulary (0 to {tok.vocab_size - 1})")
+        print(tok.decode(args.ids, skip_special_tokens=False))
     return 0

@@ -24,7 +24,7 @@ from bart_jax.decode.generate import (
     load_generation_preset,
     resolve_controls,
 )
-from bart_jax.errors import UserError, check_writable_dir
+from bart_jax.errors import UserError, check_input_file, check_writable_dir
 
 
 # ----------------------------------------------------------------------------- argument parsing
@@ -116,8 +116,8 @@ def cli_generate(argv: Sequence[str]) -> int:
     parser.add_argument("--text-field", default="document", help="JSON field of .jsonl input documents")
     args = parser.parse_args(list(argv))
     # User errors propagate to the `bart-jax` dispatcher (one line, exit code 2).
-    if args.input != "-" and not os.path.isfile(args.input):
-        raise ValueError(f"--input {args.input}: no such file")
+    if args.input != "-":
+        check_input_file(args.input, "--input")
     _check_output_file(args.output)
     config, params, tokenizer, controls = _setup(args)
     total = count_documents(args.input)

@@ -10,6 +10,7 @@ import time
 from typing import Sequence
 
 from bart_jax.cli.train import PrintedStageReporter
+from bart_jax.errors import UserError
 from bart_jax.pipeline import DEFAULT_CONFIG, SCRATCH_RUN, STAGES, JobProgress, JobResult, run_main_job
 
 EXAMPLES = 3  # test examples shown at the end
@@ -94,6 +95,8 @@ def cli_run(argv: Sequence[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides")
     args = parser.parse_args(list(argv))
     # User errors and interruptions reach the `bart-jax` dispatcher (one line, exit code 2 / 130 / 143).
+    if args.batch_size < 1:  # (used only after training: checked before it)
+        raise UserError(f"--batch-size={args.batch_size}: must be >= 1")
     run_and_print(args.config, args.overrides, quick=args.quick, workdir=args.workdir, batch_size=args.batch_size,
                   allow_config_change=args.allow_config_change)
     return 0

@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from typing import Iterator
 
 
@@ -20,14 +21,19 @@ def _open_lines(path: str) -> Iterator[tuple[int, str]]:
     Raises ValueError naming file and line at the first undecodable byte sequence.
     """
     opener = gzip.open if path.endswith(".gz") else open
+    lineno = 0
     with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: undecodable bytes (not UTF-8) at byte {e.start} of the "
-                                 f"line: {raw[max(0, e.start - 10):e.start + 10]!r}") from None
-            yield lineno, line.rstrip("\r\n")
+        try:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: undecodable bytes (not UTF-8) at byte {e.start} of the "
+                                     f"line: {raw[max(0, e.start - 10):e.start + 10]!r}") from None
+                yield lineno, line.rstrip("\r\n")
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise ValueError(f"{path}: truncated or corrupt gzip file after line {lineno} ({e}); "
+                             "compress it again or give the uncompressed file") from None
 
 
 def _file_kind(path: str) -> str:
@@ -47,9 +53,17 @@ def _json_record(path: str, lineno: int, line: str) -> dict:
     return record
 
 
+_PAIR_FIELDS = {"document", "summary"}
+
+
 def _field(record: dict, field: str, path: str, lineno: int) -> str:
     if field not in record:
-        raise ValueError(f"{path}:{lineno}: missing field {field!r} (fields present: {sorted(record)})")
+        hint = ""  # a file of the other kind, given where this one belongs
+        if field == "text" and _PAIR_FIELDS <= set(record):
+            hint = "; it looks like summarization pairs: build them with `bart-jax data pairs`"
+        elif field in _PAIR_FIELDS and "text" in record:
+            hint = "; it looks like a text corpus: build it with `bart-jax data text`"
+        raise ValueError(f"{path}:{lineno}: missing field {field!r} (fields present: {sorted(record)}){hint}")
     value = record[field]
     if not isinstance(value, str):
         raise ValueError(f"{path}:{lineno}: field {field!r} must be a string, got {type(value).__name__}")
@@ -119,7 +133,7 @@ def iter_pairs(path: str, *, document_field: str = "document", summary_field: st
     if kind == "jsonl":
         records = ((n, _json_record(path, n, line)) for n, line in _open_lines(path) if line.strip())
     else:
-        records = _tsv_records(path)
+        records = _tsv_records(path, (document_field, summary_field))
     for lineno, record in records:
         document = _field(record, document_field, path, lineno)
         summary = _field(record, summary_field, path, lineno)
@@ -130,13 +144,17 @@ def iter_pairs(path: str, *, document_field: str = "document", summary_field: st
             stats["empty_pairs"] += 1
 
 
-def _tsv_records(path: str) -> Iterator[tuple[int, dict]]:
+def _tsv_records(path: str, fields: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     lines = _open_lines(path)
     try:
         _, header_line = next(lines)
     except StopIteration:
         return
     header = header_line.split("\t")
+    missing = [f for f in fields if f not in header]
+    if missing:
+        raise ValueError(f"{path}:1: the first line of a TSV file is its header row naming the columns "
+                         f"(e.g. 'document<TAB>summary'); it is {header_line[:80]!r}, without {missing}")
     for lineno, line in lines:
         if not line.strip():
             continue

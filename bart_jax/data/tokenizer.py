@@ -14,9 +14,11 @@ CLI: `bart-jax tokenizer train|encode|decode ...` (bart_jax.cli.data).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import Iterable, Sequence
 
@@ -50,7 +52,12 @@ class SentencePieceTokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
         with open(path, "rb") as f:
-            return cls(f.read())
+            data = f.read()
+        try:
+            return cls(data)
+        except RuntimeError:  # SentencePiece's parse failure
+            raise ValueError(f"{os.fspath(path)}: not a SentencePiece tokenizer model; give a tokenizer.model file "
+                             "or a directory holding tokenizer.model or vocab.json + merges.txt") from None
 
     def __getstate__(self):
         return {"model_proto": self._model_proto}
@@ -296,6 +303,27 @@ def _training_lines(texts_or_files: Iterable[str] | str) -> Iterable[str]:
                     yield line
 
 
+@contextlib.contextmanager
+def _sentencepiece_errors(vocab_size: int):
+    """SentencePiece's trainer fails with RuntimeError on text it cannot use; say what to change instead."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        most = re.search(r"value <= (\d+)", text)
+        if most:
+            raise ValueError(f"vocabulary size {vocab_size} is more than SentencePiece can make of this text "
+                             f"(at most {most.group(1)} pieces); ask for fewer or give more text") from None
+        chars = re.search(r"smaller than required_chars\. \d+ vs (\d+)", text)
+        if chars:
+            raise ValueError(f"vocabulary size {vocab_size} is less than the {chars.group(1)} distinct characters "
+                             "(and special pieces) of this text; ask for a larger vocabulary") from None
+        if "sentences_.empty()" in text:
+            raise ValueError(f"no line of the text is shorter than {_SPM_MAX_SENTENCE_BYTES} bytes, and "
+                             "SentencePiece trains on lines: break the text into lines or documents") from None
+        raise ValueError(f"SentencePiece could not train on this text: {text.strip()}") from None
+
+
 def train_tokenizer(texts_or_files: Iterable[str] | str, vocab_size: int, out_dir: str | os.PathLike,
                     *, max_training_lines: int = 2_000_000, character_coverage: float = 0.99995,
                     seed: int = 0, num_threads: int | None = None) -> SentencePieceTokenizer:
@@ -321,16 +349,17 @@ def train_tokenizer(texts_or_files: Iterable[str] | str, vocab_size: int, out_di
         if n_lines == 0:
             raise ValueError("train_tokenizer: no text to train on (all inputs empty); give a corpus with text")
         spm.set_random_generator_seed(seed)  # the line sampling is the only randomness
-        spm.SentencePieceTrainer.train(
-            input=corpus, model_prefix=os.path.join(tmp, "sp"), model_type="bpe", vocab_size=vocab_size,
-            byte_fallback=True, character_coverage=character_coverage, split_digits=True,
-            bos_id=0, pad_id=1, eos_id=2, unk_id=3,
-            bos_piece=SPECIAL_PIECES["bos"], pad_piece=SPECIAL_PIECES["pad"],
-            eos_piece=SPECIAL_PIECES["eos"], unk_piece=SPECIAL_PIECES["unk"],
-            user_defined_symbols=[SPECIAL_PIECES["mask"]],
-            input_sentence_size=max_training_lines, shuffle_input_sentence=True, seed_sentencepiece_size=
-            1_000_000, max_sentence_length=_SPM_MAX_SENTENCE_BYTES,
-            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+        with _sentencepiece_errors(vocab_size):
+            spm.SentencePieceTrainer.train(
+                input=corpus, model_prefix=os.path.join(tmp, "sp"), model_type="bpe", vocab_size=vocab_size,
+                byte_fallback=True, character_coverage=character_coverage, split_digits=True,
+                bos_id=0, pad_id=1, eos_id=2, unk_id=3,
+                bos_piece=SPECIAL_PIECES["bos"], pad_piece=SPECIAL_PIECES["pad"],
+                eos_piece=SPECIAL_PIECES["eos"], unk_piece=SPECIAL_PIECES["unk"],
+                user_defined_symbols=[SPECIAL_PIECES["mask"]],
+                input_sentence_size=max_training_lines, shuffle_input_sentence=True, seed_sentencepiece_size=
+                1_000_000, max_sentence_length=_SPM_MAX_SENTENCE_BYTES,
+                num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
         tokenizer = SentencePieceTokenizer.from_file(os.path.join(tmp, "sp.model"))
     tokenizer.save(out_dir)
     return tokenizer

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import jax
@@ -20,6 +21,8 @@ import numpy as np
 from bart_jax.config import BartConfig
 from bart_jax.data.text import bucket_boundaries, padded_length
 from bart_jax.decode.search import SearchControls, search
+
+logger = logging.getLogger(__name__)
 
 
 def cache_beam_axes(per_layer: bool) -> dict:
@@ -214,6 +217,11 @@ def load_generation_preset(name_or_path: str) -> dict[str, Any]:
     return controls
 
 
+def source_limit(config: BartConfig, max_source_length: int | None = None) -> int:
+    """The most source tokens a row keeps: `max_source_length`, at most the model's positions."""
+    return min(max_source_length or config.max_position_embeddings, config.max_position_embeddings)
+
+
 def pad_batch(id_lists: Sequence[Sequence[int]], config: BartConfig, batch_size: int,
               max_source_length: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Pack token-id lists into a fixed-shape batch so every batch of a stream reuses a compiled program.
@@ -223,7 +231,7 @@ def pad_batch(id_lists: Sequence[Sequence[int]], config: BartConfig, batch_size:
     pipeline's `bucket_boundaries`); missing rows are filled with `<s></s>` dummies.
     Returns (input_ids int32 [batch_size, S], attention_mask int32 [batch_size, S], number of real rows).
     """
-    limit = min(max_source_length or config.max_position_embeddings, config.max_position_embeddings)
+    limit = source_limit(config, max_source_length)
     if not 0 < len(id_lists) <= batch_size:
         raise ValueError(f"pad_batch got {len(id_lists)} rows for batch_size={batch_size}")
     rows = []
@@ -273,11 +281,18 @@ def generate_texts(documents: Iterable[str], config: BartConfig, params, tokeniz
     rng = jax.random.PRNGKey(0) if rng is None else rng
     resolved = resolve_controls(config, **controls)
     iterator = iter(documents)
+    limit, truncated, seen = source_limit(config, max_source_length), 0, 0
     for step in itertools.count():
         batch = list(itertools.islice(iterator, batch_size))
         if not batch:
+            if truncated:
+                logger.warning("%d of %d documents were longer than %d tokens and were truncated to their first "
+                               "%d (--max-source-length / the model's positions)", truncated, seen, limit, limit)
             return
-        input_ids, mask, real = pad_batch(tokenizer.encode_batch(batch), config, batch_size, max_source_length)
+        encoded = tokenizer.encode_batch(batch)
+        truncated += sum(len(ids) > limit for ids in encoded)
+        seen += len(encoded)
+        input_ids, mask, real = pad_batch(encoded, config, batch_size, max_source_length)
         out = generate(config, params, input_ids, mask, rng=jax.random.fold_in(rng, step), **controls)
         sequences, scores = np.asarray(out.sequences[:real]), np.asarray(out.scores[:real])
         for row_sequences, row_scores in zip(sequences, scores):

@@ -39,8 +39,10 @@ def check_run_config(cfg: RunConfig, stages: Sequence[str] = ("pretrain", "finet
     if not cfg.distributed.enabled:  # jax.device_count() before jax.distributed.initialize would break it
         import jax
 
+        from bart_jax.errors import check_platform
         from bart_jax.train import partitioning
 
+        check_platform()
         try:
             shape = partitioning.mesh_shape(cfg.mesh, jax.device_count())
         except ValueError as e:
@@ -51,4 +53,51 @@ def check_run_config(cfg: RunConfig, stages: Sequence[str] = ("pretrain", "finet
             if t.batch_size % (t.micro_batches * shards):
                 raise UserError(f"{stage}.train.batch_size={t.batch_size} must be divisible by micro_batches "
                                 f"({t.micro_batches}) x the batch shards of the mesh (data x fsdp = {shards})")
+            _check_memory(cfg, stage, model, shape)
     check_writable_dir(cfg.workdir, "workdir")
+
+
+def _device_memory_bytes() -> int | None:
+    """Memory one local device can use: a GPU's allocator limit, or the host's RAM shared by its CPU devices."""
+    import os
+
+    import jax
+
+    device = jax.local_devices()[0]
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+        except (ValueError, OSError):
+            return None
+    stats = device.memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def _check_memory(cfg: RunConfig, stage: str, model, mesh_shape) -> None:
+    """Refuse a stage whose step cannot fit a device's memory, by a lower bound that needs no compile: the fp32
+    parameters, gradients and two optimizer moments (16 bytes a parameter) plus one micro-batch's fp32 logits.
+    Only a bound known to exceed what the device has is an error; XLA finds any subtler shortfall."""
+    from bart_jax.errors import UserError
+
+    available = _device_memory_bytes()
+    if not available:
+        return
+    data, fsdp, tensor = mesh_shape
+    t = cfg.stage(stage).train
+    d, vocab = model.d_model, model.padded_vocab_size
+    params = (vocab * d + model.encoder_layers * (4 * d * d + 2 * d * model.encoder_ffn_dim)
+              + model.decoder_layers * (8 * d * d + 2 * d * model.decoder_ffn_dim))
+    state = 16 * params / (fsdp * tensor)
+    rows = t.batch_size // (t.micro_batches * data * fsdp)
+    target = t.source_length if stage == "pretrain" else t.target_length
+    logits = 4 * rows * target * vocab / tensor
+    if state + logits <= available:
+        return
+    gb = 1e9
+    raise UserError(
+        f"{stage} needs more memory than a device here has: at least {(state + logits) / gb:.1f} GB per device "
+        f"(parameters, gradients and optimizer moments {state / gb:.1f} GB + one micro-batch's logits "
+        f"{logits / gb:.1f} GB: {rows} rows x {target} tokens x {vocab} vocabulary), and each device has "
+        f"{available / gb:.1f} GB; model.preset {cfg.model.preset!r} at batch {t.batch_size} is sized for GPU "
+        f"pods: raise {stage}.train.micro_batches or lower batch_size, add devices, or use a smaller config "
+        "(--config tiny)")
