@@ -205,6 +205,17 @@ def _setup_row(name, tmp):
                 os.path.join(FIXTURES, "tokenizer_bpe"), "--input", str(tmp / "docs")]
     if name == "base_config_on_this_machine":  # sized for GPU pods: refused before allocating anything
         return ["pretrain", "--config", "base", w]
+    if name in ("pretrain_on_pairs", "finetune_on_text"):
+        from bart_jax.data import datasets
+
+        (tmp / "t.txt").write_text("".join(f"document number {i}.\n" for i in range(4)))
+        (tmp / "p.jsonl").write_text("".join(json.dumps({"document": f"d {i}", "summary": "s"}) + "\n"
+                                             for i in range(4)))
+        text = datasets.prepare_text_corpus({"train": [tmp / "t.txt"]}, tmp / "d", holdout_every=2)
+        pairs = datasets.prepare_pairs({"train": [tmp / "p.jsonl"]}, tmp / "d", holdout_every=2)
+        if name == "pretrain_on_pairs":
+            return ["pretrain", w, f"data.pretrain_source={pairs.path}"]
+        return ["finetune", w, f"data.finetune_source={text.path}", "finetune.init_from=null"]
     if name == "run_batch_size_zero":
         return ["run", "--workdir", _workdir(tmp), "--batch-size", "0"]
     raise KeyError(name)
@@ -251,6 +262,9 @@ ROWS = [
     ("data_pairs_tsv_without_header", "data", r"p.tsv:1: the first line of a TSV file is its header row", False),
     ("generate_input_is_a_directory", "generate", r"--input .*docs: is a directory", False),
     ("base_config_on_this_machine", "pretrain", r"needs more memory than a device here has.*sized for GPU", True),
+    ("pretrain_on_pairs", "pretrain", r"data.pretrain_source=.*: holds summarization pairs, but pretrain reads "
+     r"a text corpus \(build them with `bart-jax data text`\)", False),
+    ("finetune_on_text", "finetune", r"holds a text corpus, but finetune reads summarization pairs", False),
     ("run_batch_size_zero", "run", r"--batch-size=0: must be >= 1", True),
     ("generate_negative_source_length", "generate", r"--max-source-length=-5: must be >= 1", False),
     ("generate_output_under_file", "generate", r"--output .*afile is a file, not a directory", False),

@@ -211,11 +211,13 @@ class StdlibDocs(_Builder):
 
 class PreparedDataset(collections.abc.Mapping):
     """A prepared dataset: split -> random-access data source (tfds ArrayRecordDataSource), plus
-    `path` (the dataset's version directory), `stats` (split -> input statistics) and `fingerprint` (of the
-    inputs and options it was built from: a rebuild from other files changes it)."""
+    `path` (the dataset's version directory), `stats` (split -> input statistics), `fingerprint` (of the
+    inputs and options it was built from: a rebuild from other files changes it) and `kind`."""
 
-    def __init__(self, path: str, sources: dict, stats: dict, fingerprint: str | None = None):
+    def __init__(self, path: str, sources: dict, stats: dict, fingerprint: str | None = None,
+                 kind: str | None = None):
         self.path, self._sources, self.stats, self.fingerprint = path, dict(sources), stats, fingerprint
+        self.kind = kind  # 'text' (a corpus: {'text'}) or 'pairs' ({'document', 'summary'})
 
     def __getitem__(self, split):
         if split not in self._sources:
@@ -237,8 +239,9 @@ def load_prepared(path: str | os.PathLike) -> PreparedDataset:
     """Opens a prepared dataset from its version directory (`PreparedDataset.path`); needs no builder code."""
     builder = tfds.builder_from_directory(os.fspath(path))
     metadata = dict(builder.info.metadata or {})
+    kind = "pairs" if "summary" in builder.info.features else "text"
     return PreparedDataset(os.fspath(path), builder.as_data_source(), metadata.get("stats", {}),
-                           metadata.get("fingerprint"))
+                           metadata.get("fingerprint"), kind)
 
 
 def _prepare(builder_cls, config, data_dir, fingerprint: str, overwrite: bool) -> PreparedDataset:

@@ -108,7 +108,13 @@ def prepared_dataset(cfg: RunConfig, stage: str):
     if not os.path.isdir(source):
         raise ValueError(f"data.{stage}_source={source!r}: not 'builtin' nor a prepared dataset directory "
                          "(build one with `bart-jax data text|pairs`)")
-    return load_prepared(source)
+    dataset = load_prepared(source)
+    wanted = "text" if stage == "pretrain" else "pairs"
+    if dataset.kind != wanted:  # (before anything reads a field the other kind lacks)
+        names = {"text": "a text corpus", "pairs": "summarization pairs"}
+        raise UserError(f"data.{stage}_source={source}: holds {names[dataset.kind]}, but {stage} reads "
+                        f"{names[wanted]} (build them with `bart-jax data {wanted}`)")
+    return dataset
 
 
 def check_splits(cfg: RunConfig, stage: str, dataset) -> None:
