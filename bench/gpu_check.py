@@ -660,7 +660,7 @@ def _gib(x) -> str:
 
 def print_table(report: dict) -> None:
     print(f"\n{report['device']} ({report['platform']}), jax {report['jax']}; train: bf16 compute, fp32 master "
-          f"weights and LAMB state; MFU against {next((r['peak_source'] for r in report.get('train', [])), 'n/a')}")
+          f"weights and LAMB state; MFU against {next((r['peak_source'] for r in report.get('train', []) if 'peak_source' in r), 'n/a')}")
     head = (f"{'model':<7} {'batch':>5} {'src+tgt':>8} {'step s':>7} {'spread':>6} {'tokens/s':>9} {'TFLOP/s':>8} "
             f"{'MFU':>6} {'HBM GiB':>7} {'XLA GiB':>7} {'scale GiB':>9} {'torch tok/s':>11} {'vs torch':>8}")
     print(head + "\n" + "-" * len(head))
@@ -677,7 +677,9 @@ def print_table(report: dict) -> None:
               f"{_gib(pred):>9} {peer.get('tokens_per_s', float('nan')):>11.0f} "
               f"{peer.get('bart_jax_speedup', float('nan')):>7.2f}x")
     a = report.get("attention")
-    if a:
+    if a and "error" in a:
+        print(f"attention: failed: {a['error'][:200]}")
+    elif a:
         print(f"attention (bart-base step, attention dropout off): default picks {a['default_picks']}; " + "; ".join(
             f"{k}: {v['step_s']:.3f} s/step" if v.get("compiled") else f"{k}: does not compile ({v['error'][:80]})"
             for k, v in a["variants"].items()))
@@ -812,7 +814,10 @@ def main(argv=None) -> int:
             p = predictions[json.dumps(ScalePrediction.case_of(row))]
             row["scale_prediction"] = p.result or {"error": "not finished within the budget"}
     share.cleanup()
-    print_table(report)
+    try:
+        print_table(report)
+    except Exception:  # noqa: BLE001 - the JSON below holds everything the table would show
+        traceback.print_exc()
     write(report, args.out)
     failures = [n for n, bit in STAGE_BITS.items() if failed & bit]
     print(f"wrote {args.out} ({time.monotonic() - start:.0f}s)"
