@@ -96,6 +96,9 @@ class DataConfig:
     eval_split: str = "validation"
     shuffle_seed: int = 0
     num_workers: int = 0
+    # Each split is read as this many disjoint shards, each process reading shards/processes of them
+    # (null: one per process). The same value gives the same global batches on any number of processes.
+    shards: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +128,8 @@ class DistributedConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    initialization_timeout_s: int = 300  # how long to wait for the coordinator and every process to join
+    heartbeat_timeout_s: int = 100  # a process silent this long is dead: the others fail instead of hanging
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bart_jax.data.text import as_text
 from bart_jax.errors import UserError
@@ -65,28 +66,52 @@ def load_or_train_tokenizer(cfg: RunConfig):
     """`data.tokenizer` if set; else the tokenizer in `<workdir>/tokenizer`, trained there on the
     pretraining corpus's train split the first time. What it was trained from (source, vocabulary size) is
     recorded beside it in `trained_from.json`; a later run configured otherwise is refused (ValueError)."""
-    from bart_jax.data import load_tokenizer, train_tokenizer
+    from bart_jax.data import load_tokenizer
 
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer
     directory = os.path.join(cfg.workdir, "tokenizer")
+    if jax.process_count() > 1:  # the workdir is shared: process 0 trains it, then all load the same files
+        in_process_zero(lambda: _workdir_tokenizer(cfg, directory), "prepare the tokenizer")
+    return _workdir_tokenizer(cfg, directory), directory
+
+
+def _workdir_tokenizer(cfg: RunConfig, directory: str):
+    """The tokenizer in `directory` (its provenance checked), trained there first when there is none."""
+    from bart_jax.data import load_tokenizer, train_tokenizer
+
     try:
         tok = load_tokenizer(directory)
     except FileNotFoundError:
         pass
     else:
         _check_tokenizer_provenance(cfg, directory)
-        return tok, directory
-    if jax.process_count() > 1:
-        raise ValueError("multi-host runs need data.tokenizer (a tokenizer trained beforehand); training one "
-                         "in every process would race on the shared workdir")
+        return tok
     tok = train_tokenizer(_tokenizer_texts(cfg), cfg.data.tokenizer_vocab_size, directory,
                           seed=cfg.data.shuffle_seed)
     tmp = os.path.join(directory, TOKENIZER_PROVENANCE_FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump(_tokenizer_provenance(cfg), f, indent=1)
     os.replace(tmp, os.path.join(directory, TOKENIZER_PROVENANCE_FILE))
-    return tok, directory
+    return tok
+
+
+def in_process_zero(fn, what: str):
+    """Run `fn()` in process 0 only, while the other processes wait; all then go on, or all fail (process 0
+    with `fn`'s own error, the others with a line saying that process 0 failed to `what`)."""
+    from jax.experimental import multihost_utils
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others heard of it
+            error = e
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))  # the others wait here
+    if error is not None:
+        raise error
+    if not ok:
+        raise UserError(f"process 0 failed to {what} (its own output says why)")
 
 
 def _tokenizer_texts(cfg: RunConfig):
@@ -104,7 +129,10 @@ def prepared_dataset(cfg: RunConfig, stage: str):
 
     source = cfg.data.pretrain_source if stage == "pretrain" else cfg.data.finetune_source
     if source == "builtin":
-        return prepare_builtin(os.path.join(cfg.workdir, "data"), "documents" if stage == "pretrain" else "pairs")
+        directory, kind = os.path.join(cfg.workdir, "data"), "documents" if stage == "pretrain" else "pairs"
+        if jax.process_count() > 1:  # the workdir is shared: one process builds it, then all open it
+            in_process_zero(lambda: prepare_builtin(directory, kind), "prepare the built-in data")
+        return prepare_builtin(directory, kind)
     if not os.path.isdir(source):
         raise ValueError(f"data.{stage}_source={source!r}: not 'builtin' nor a prepared dataset directory "
                          "(build one with `bart-jax data text|pairs`)")
@@ -128,23 +156,52 @@ def check_splits(cfg: RunConfig, stage: str, dataset) -> None:
 
 
 def stage_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, split: str, *, shuffle: bool,
-                   num_epochs=None, decoder_start_id: int | None = None, whole_split: bool = False):
-    """The stage's batches of `split`: this process's shard, or with `whole_split` the same batches in every
-    process (read from the whole split, as a one-process run would). Fine-tuning batches start the decoder
-    with `decoder_start_id` (default </s>)."""
-    from bart_jax.data import finetune_batches, pretrain_batches
+                  num_epochs=None, decoder_start_id: int | None = None, whole_split: bool = False):
+    """The stage's batches of `split` for this process: its `data_shards` (stacked by `ShardGroup` when it
+    reads more than one), or with `whole_split` the same batches in every process (read from the whole split,
+    as a one-process run would). Fine-tuning batches start the decoder with `decoder_start_id` (default
+    </s>); their lengths are bucketed per shard, so processes' batches may differ in shape (the loop pads
+    them to a common one)."""
+    from bart_jax.data.loader import ShardGroup, finetune_batches, pretrain_batches
 
     t = cfg.stage(stage).train
-    shard = dict(process_index=0, process_count=1) if whole_split else {}
-    if stage == "pretrain":
-        return pretrain_batches(dataset[split], tok, seq_len=t.source_length, batch_size=local_batch,
-                                seed=cfg.data.shuffle_seed, shuffle=shuffle, num_epochs=num_epochs,
-                                num_workers=cfg.data.num_workers, **shard)
-    # Bucketed shapes differ between processes, and a global batch needs the same local shape everywhere.
-    return finetune_batches(dataset[split], tok, max_source_len=t.source_length, max_target_len=t.target_length,
-                            batch_size=local_batch, seed=cfg.data.shuffle_seed, shuffle=shuffle,
-                            num_epochs=num_epochs, bucket=jax.process_count() == 1 or whole_split,
-                            num_workers=cfg.data.num_workers, decoder_start_id=decoder_start_id, **shard)
+    shards = range(1) if whole_split else data_shards(cfg, jax.process_index(), jax.process_count())
+    num_shards = 1 if whole_split else data_shard_count(cfg)
+    if local_batch % len(shards):
+        raise UserError(f"{stage}.train.batch_size={local_batch * jax.process_count()} does not split into "
+                        f"{num_shards} data shards (data.shards) of equal rows")
+    rows = local_batch // len(shards)
+
+    def shard(index):
+        if stage == "pretrain":
+            return pretrain_batches(dataset[split], tok, seq_len=t.source_length, batch_size=rows,
+                                    seed=cfg.data.shuffle_seed, shuffle=shuffle, num_epochs=num_epochs,
+                                    num_workers=cfg.data.num_workers, process_index=index,
+                                    process_count=num_shards)
+        return finetune_batches(dataset[split], tok, max_source_len=t.source_length,
+                                max_target_len=t.target_length, batch_size=rows, seed=cfg.data.shuffle_seed,
+                                shuffle=shuffle, num_epochs=num_epochs, num_workers=cfg.data.num_workers,
+                                decoder_start_id=decoder_start_id, process_index=index,
+                                process_count=num_shards)
+
+    if len(shards) == 1:
+        return shard(shards[0])
+    return ShardGroup([shard(i) for i in shards], tok.pad_id)
+
+
+def data_shard_count(cfg: RunConfig) -> int:
+    """How many shards each split is read as (`data.shards`, default one per process)."""
+    return cfg.data.shards or jax.process_count()
+
+
+def data_shards(cfg: RunConfig, process_index: int, process_count: int) -> range:
+    """The shards process `process_index` of `process_count` reads (UserError when they do not divide)."""
+    from bart_jax.data.loader import process_shards
+
+    try:
+        return process_shards(data_shard_count(cfg), process_index, process_count)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def noise_batch_fns(cfg: RunConfig, tok, decoder_start_id: int):

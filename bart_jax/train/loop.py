@@ -16,7 +16,9 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -134,11 +136,56 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
 
 
 def initialize_distributed(cfg: RunConfig) -> None:
-    """jax.distributed.initialize once per process when `distributed.enabled` (one process per host)."""
+    """jax.distributed.initialize once per process when `distributed.enabled` (one process per host), then
+    the checks only the whole job can answer: the number of processes and the mesh over all devices.
+    Every failure is a UserError that says what to check."""
+    from bart_jax.errors import UserError
+
     d = cfg.distributed
-    if d.enabled and not jax.distributed.is_initialized():
+    if not d.enabled or jax.distributed.is_initialized():
+        return
+    if d.coordinator_address and d.process_id:  # JAX aborts the process on a timeout: say it in one line first
+        _wait_for_coordinator(d.coordinator_address, d.initialization_timeout_s)
+    # JAX's preemption notifier takes SIGTERM over when it starts; the stage's own handlers decide instead.
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
         jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
-                                   process_id=d.process_id)
+                                   process_id=d.process_id, initialization_timeout=d.initialization_timeout_s,
+                                   heartbeat_timeout_seconds=d.heartbeat_timeout_s)
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
+    from jax.experimental import multihost_utils
+
+    claims = np.asarray(multihost_utils.process_allgather(np.int32(d.num_processes or jax.process_count())))
+    if (claims != jax.process_count()).any():
+        raise UserError(f"distributed.num_processes differs from the job the coordinator at {d.coordinator_address} "
+                        f"formed ({jax.process_count()} processes; each process's setting: {claims.tolist()}); give "
+                        "every process the same num_processes")
+    try:
+        partitioning.mesh_shape(cfg.mesh, jax.device_count())
+    except ValueError as e:
+        raise UserError(f"{e} (mesh.data/fsdp/tensor; {jax.process_count()} processes x "
+                        f"{jax.local_device_count()} devices)") from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Return once a TCP connection to the coordinator at `address` ('host:port') succeeds; UserError after
+    `timeout_s` seconds of trying."""
+    from bart_jax.errors import UserError
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(1.0, min(5.0, timeout_s))):
+                return
+        except (OSError, ValueError) as e:
+            if time.monotonic() >= deadline:
+                raise UserError(f"cannot reach the coordinator at {address} (distributed.coordinator_address) "
+                                f"within distributed.initialization_timeout_s={timeout_s} s ({e}); start process 0 "
+                                "there, or correct the address") from None
+            time.sleep(0.5)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -171,7 +218,7 @@ def train_loop(s: StageSetup, *, stop_at_step: int | None = None, reporter: Stag
             signum = vote.at_boundary()
             if signum:
                 break  # a step boundary: everything before this step is in `state`
-            local = {k: v for k, v in next(s.train_batches).items() if k != "example_id"}
+            local = same_shape_everywhere(next(s.train_batches), s.tokenizer.pad_id)
             state, metrics = s.train_step(state, to_global_batch(local, batch_sharding))
             if pending is not None:
                 progress.settle(*pending, s.last_checkpoint)
@@ -217,7 +264,7 @@ def evaluate(s: StageSetup, params) -> dict[str, float]:
     batch_sharding = partitioning.batch_sharding(s.mesh)
     sums = None
     for i, local in zip(range(t.eval_batches), batches):
-        local = {k: v for k, v in local.items() if k != "example_id"}
+        local = same_shape_everywhere(local, s.tokenizer.pad_id)
         out = s.eval_step(params, to_global_batch(local, batch_sharding), jnp.int32(i))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     metrics = summarize_eval(jax.device_get(sums)) if sums is not None else {}
@@ -226,10 +273,26 @@ def evaluate(s: StageSetup, params) -> dict[str, float]:
     return metrics
 
 
+def same_shape_everywhere(local: dict, pad_id: int) -> dict:
+    """This process's batch (without 'example_id'), fine-tuning batches padded to the longest source and
+    target of every process's batch: each shard buckets its own lengths, and a global batch needs one shape.
+    The padding is masked, so the loss is unchanged. With several processes this waits for all of them."""
+    from bart_jax.data.loader import pad_batch
+
+    local = {k: v for k, v in local.items() if k != "example_id"}
+    if "input_ids" not in local or jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    lengths = np.asarray([local["input_ids"].shape[1], local["labels"].shape[1]], np.int32)
+    source, target = np.asarray(multihost_utils.process_allgather(lengths)).max(axis=0)
+    return pad_batch(local, int(source), int(target), pad_id)
+
+
 def _validation_rouge(s: StageSetup, params) -> dict[str, float]:
-    """Greedy summaries of the first `eval_rouge_examples` validation documents, scored with ROUGE."""
-    if jax.process_count() > 1:
-        return {}  # decoding here would need every process's params on one host
+    """Greedy summaries of the first `eval_rouge_examples` validation documents, scored with ROUGE. With
+    several processes every one gathers the parameters and decodes the same documents on its own devices,
+    so all report the same scores."""
     from bart_jax.decode.generate import summarize
     from bart_jax.decode.rouge import rouge_scores
 
@@ -238,6 +301,8 @@ def _validation_rouge(s: StageSetup, params) -> dict[str, float]:
     pairs = [source[i] for i in range(min(len(source), t.eval_rouge_examples))]
     if not pairs:
         return {}
+    if jax.process_count() > 1:
+        params = _gather_params(params)
     predictions = summarize([as_text(p["document"]) for p in pairs], s.model_config, params, s.tokenizer,
                             batch_size=min(len(pairs), 8), max_source_length=t.source_length,
                             num_beams=1, max_length=t.target_length)
