@@ -238,15 +238,19 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # facebook/bart-large
     "bart-large": dict(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
                        decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096),
-    # A CPU-sized model for tests and the built-in main job.
+    # A CPU-sized model for tests.
     "tiny": dict(vocab_size=512, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                  decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
                  max_position_embeddings=128),
+    # The main job's model (configs/tiny.yaml; chosen by the sweep in bench/RESULTS.md, "Main-job recipe").
+    "small": dict(vocab_size=4096, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512,
+                  max_position_embeddings=128),
 }
 
 
 def preset(name: str, **overrides) -> BartConfig:
-    """A named architecture: 'bart-base', 'bart-large' or 'tiny', with field overrides."""
+    """A named architecture: 'bart-base', 'bart-large', 'small' or 'tiny', with field overrides."""
     if name not in _PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {sorted(_PRESETS)}")
     return BartConfig(**{**_PRESETS[name], **overrides})

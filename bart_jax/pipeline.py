@@ -22,9 +22,8 @@ import time
 from typing import Sequence
 
 from bart_jax.errors import Interrupted, Terminated, UserError
+from bart_jax.train.config import DEFAULT_CONFIG
 from bart_jax.train.progress import StageReporter
-
-DEFAULT_CONFIG = "tiny"  # bundled in bart_jax/configs (package data), so a wheel install runs it too
 
 # --quick: every stage runs for real, just briefly (the test suite runs this end to end).
 QUICK_OVERRIDES = (
@@ -170,12 +169,13 @@ def run_main_job(config_path: str | os.PathLike | None = None, overrides: Sequen
     allow_config_change: let a rerun resume training stages whose settings changed (see `pretrain`).
     progress: told about each stage as it starts (default: `JobProgress`, which logs)."""
     from bart_jax.runlock import run_directory_lock
-    from bart_jax.train.config import check_run_config, load_config
+    from bart_jax.train.config import load_config
+    from bart_jax.train.preflight import check_run_config
 
     all_overrides = [*(QUICK_OVERRIDES if quick else ()), *overrides]
     if workdir:
         all_overrides.append(f"workdir={workdir}")
-    cfg = load_config(config_path or DEFAULT_CONFIG, all_overrides)
+    cfg = load_config(config_path, all_overrides)
     check_run_config(cfg)
     if cfg.distributed.enabled:
         raise UserError("the main job runs in one process (distributed.enabled=true given): it decodes the test "

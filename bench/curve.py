@@ -4,7 +4,7 @@
                           [--workdir bench/out/curve] [--out bench/out/curve.json] [key=value ...]
 
 For each budget (total pretraining steps; the learning-rate schedule decays over that budget) one pretraining run
-of the default config (`bart_jax/configs` tiny, plus any `key=value` overrides) keeps a checkpoint every
+of the default config (`configs/tiny.yaml`, plus any `key=value` overrides) keeps a checkpoint every
 `--every` steps; each checkpoint is then measured as the main job's stage 2 measures the pretrained model:
 teacher-forced token accuracy of reconstructing the validation rows from clean input and from the default noise,
 next to the copy baseline. Minutes are wall-clock training time to that step (set-up and checkpoint pauses

@@ -4,7 +4,7 @@
                           [--workdir bench/out/sweep]
     python bench/sweep.py --list
 
-Each variant is the default run config (`bart_jax/configs` tiny) plus `key=value` overrides. A variant runs
+Each variant is the default run config (`configs/tiny.yaml`) plus `key=value` overrides. A variant runs
 tokenizer -> denoising pretraining -> fine-tuning from the pretrained model -> beam search (the main job's
 controls) on the validation pairs, and reports: the pretrained model as a denoiser (clean- and noised-input
 reconstruction accuracy, copy baseline), validation ROUGE-1/2/L, the lead baseline's ROUGE on the same pairs,
@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-# Variants: name -> overrides of the default config (bart_jax/configs/tiny.yaml). The default was chosen from
+# Variants: name -> overrides of the default config (configs/tiny.yaml). The default was chosen from
 # these (bench/RESULTS.md, "Main-job recipe").
 VARIANTS: dict[str, tuple[str, ...]] = {
     "default": (),

@@ -47,7 +47,7 @@ SHAPES = {
 
 
 def main_job_shape():
-    """The main job's pretraining step (bart_jax/configs/tiny.yaml): its model, batch and row length
+    """The main job's pretraining step (configs/tiny.yaml): its model, batch and row length
     (denoising: target length = source length)."""
     from bart_jax.pipeline import DEFAULT_CONFIG
     from bart_jax.train.config import load_config

@@ -14,8 +14,9 @@ def test_model_and_noise_sections_embed_every_field():
     names = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
     assert names(C.ModelSection) == names(BartConfig) | {"preset"}
     assert names(C.NoiseSection) == names(NoiseConfig) | {"preset"}
-    cfg = C.load_config("tiny", ["model.remat_policy=dots", "noise.mask_ratio=0.2"])
-    assert cfg.model.d_model == 128 and cfg.model.remat_policy == "dots"  # fields, not (name, value) pairs
+    cfg = C.load_config("tiny", ["model.remat_policy=dots", "model.encoder_ffn_dim=256", "noise.mask_ratio=0.2"])
+    assert cfg.model.encoder_ffn_dim == 256 and cfg.model.remat_policy == "dots"  # fields, not (name, value) pairs
+    assert cfg.model.bart_config().d_model == 128  # from the preset tiny.yaml names
     assert cfg.noise.mask_ratio == 0.2 and cfg.noise.noise_config().mask_ratio == 0.2
     # A field the config leaves unset comes from the preset (or a checkpoint), so it is not an override.
     assert "max_position_embeddings" not in cfg.model.overrides

@@ -56,8 +56,8 @@ def test_installed_package_has_configs_and_presets(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(os.path.join(ROOT, name), src / name)
-    shutil.copytree(os.path.join(ROOT, "bart_jax"), src / "bart_jax",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for folder in ("bart_jax", "configs"):
+        shutil.copytree(os.path.join(ROOT, folder), src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     target, dist, elsewhere = tmp_path / "site", tmp_path / "dist", tmp_path / "elsewhere"
     for d in (dist, elsewhere):
         d.mkdir()
@@ -76,12 +76,13 @@ def test_installed_package_has_configs_and_presets(tmp_path):
     assert report["large"] == "bart-large"
 
 
-def test_config_by_bundled_name_path_or_legacy_path(tmp_path):
+def test_config_by_bundled_name_path_or_legacy_path(tmp_path, monkeypatch):
     from bart_jax.train.config import load_config
 
     by_name = load_config("tiny")
-    assert load_config(os.path.join(ROOT, "bart_jax", "configs", "tiny.yaml")) == by_name
-    assert load_config("configs/tiny.yaml") == by_name  # the old checkout spelling still works
+    assert load_config(os.path.join(ROOT, "configs", "tiny.yaml")) == by_name
+    monkeypatch.chdir(tmp_path)  # where no configs/tiny.yaml file is
+    assert load_config("configs/tiny.yaml") == by_name  # the docs' spelling, from any directory
     own = tmp_path / "tiny"  # an existing file wins over a bundled name
     own.write_text("workdir: mine\n")
     assert load_config(str(own)).workdir == "mine"

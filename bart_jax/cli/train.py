@@ -38,7 +38,8 @@ def _cli(stage: str, argv: list[str]) -> int:
         prog=f"bart-jax {stage}",
         description=f"{stage} BART. Overrides are dotted keys of the run config, e.g. {stage}.train.steps=100 "
                     "model.dtype=bfloat16 mesh.fsdp=4.")
-    parser.add_argument("--config", help="run config: a bundled name (tiny, base, large) or a YAML path")
+    parser.add_argument("--config", help="run config: a bundled name (tiny, base, large) or a YAML path "
+                        "(default: tiny, the main job's)")
     parser.add_argument("--variant", help="named bundle of overrides from the config's `variants` section")
     parser.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
     parser.add_argument("overrides", nargs="*", metavar="key=value")

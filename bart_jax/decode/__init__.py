@@ -6,7 +6,7 @@
     out.scores     # float32 [batch, num_return_sequences]
 
 `controls` holds the decoding controls and HF's logits processors, `search` the model-independent searches,
-`generate` the model wiring, batching of texts and presets (bart_jax/configs/generation/*.yaml), `rouge` the
+`generate` the model wiring, batching of texts and presets (configs/generation/*.yaml), `rouge` the
 ROUGE metrics, `files` the model, documents, pairs and predictions files that generation and evaluation read
 and write. The `bart-jax generate|evaluate` commands
 are in bart_jax.cli.decode.

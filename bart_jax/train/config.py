@@ -35,7 +35,9 @@ from omegaconf import errors as oc_errors
 
 from bart_jax.config import BartConfig, preset
 from bart_jax.noise.config import NoiseConfig, noise_preset
-from bart_jax.train.preflight import check_run_config  # noqa: F401  (re-exported: the config's own check)
+
+# The run config a command reads without --config: the main job's (configs/tiny.yaml).
+DEFAULT_CONFIG = "tiny"
 
 OPTIMIZERS = ("lamb", "adamw")
 DECAYS = ("constant", "linear", "polynomial", "cosine")
@@ -96,9 +98,6 @@ class DataConfig:
     eval_split: str = "validation"
     shuffle_seed: int = 0
     num_workers: int = 0
-    # Each split is read as this many disjoint shards, each process reading shards/processes of them
-    # (null: one per process). The same value gives the same global batches on any number of processes.
-    shards: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +127,6 @@ class DistributedConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
-    initialization_timeout_s: int = 300  # how long to wait for the coordinator and every process to join
-    heartbeat_timeout_s: int = 100  # a process silent this long is dead: the others fail instead of hanging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,21 +277,19 @@ def validate(cfg: RunConfig) -> None:
 # ----------------------------------------------------------------------------------------- loading
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                 variant: str | None = None) -> RunConfig:
-    """RunConfig from a YAML file or a bundled config name such as 'tiny' (defaults when `path` is None),
-    a named variant, then `key=value`s."""
-    where = "defaults"
-    node = OmegaConf.structured(RunConfig)
-    if path is not None:
-        from bart_jax import configs
+    """RunConfig from a YAML file or a bundled config name such as 'tiny' (`DEFAULT_CONFIG` when `path` is
+    None), a named variant, then `key=value`s. The file sets what differs from the dataclasses' defaults."""
+    from bart_jax import configs
 
-        where, text = configs.read_text(path)
-        try:
-            raw = OmegaConf.load(io.StringIO(text))
-        except Exception as e:  # the YAML parser's errors have no common base class
-            raise ValueError(f"{where}: invalid YAML ({_first_line(e)})") from None
-        if not isinstance(raw, DictConfig):
-            raise ValueError(f"{where}: top level must be a mapping of sections")
-        node = _merge(node, raw, where)
+    where, text = configs.read_text(DEFAULT_CONFIG if path is None else path)
+    try:
+        raw = OmegaConf.load(io.StringIO(text))
+    except Exception as e:  # the YAML parser's errors have no common base class
+        raise ValueError(f"{where}: invalid YAML ({_first_line(e)})") from None
+    if not isinstance(raw, DictConfig):
+        raise ValueError(f"{where}: not a run config (its top level must be a mapping of sections such as "
+                         "`pretrain:`)")
+    node = _merge(OmegaConf.structured(RunConfig), raw, where)
     if variant:
         if variant not in node.variants:
             raise ValueError(f"{where}: no variant {variant!r}; defined: {sorted(node.variants)}")

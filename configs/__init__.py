@@ -1,7 +1,8 @@
 """The run configs (`tiny`, `base`, `large`) and generation presets (`generation/*.yaml`) shipped with bart_jax.
 
-They are package data, read through `importlib.resources`, so `bart-jax run` and `--preset cnn_dm` work from
-a wheel as well as from a checkout. `--config` and `--preset` take a bundled name or a path to a YAML file.
+This folder (the repository's top-level configs/) is the package `bart_jax.configs`; its YAML files are package
+data, read through `importlib.resources`, so `bart-jax run` and `--preset cnn_dm` work from a wheel as well as
+from a checkout. `--config` and `--preset` take a bundled name or a path to a YAML file.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def preset_names() -> list[str]:
 
 def _bundled_name(name_or_path: str) -> str | None:
     """The bundled name `name_or_path` refers to when it is not a file: 'tiny', 'tiny.yaml', or a
-    `configs/tiny.yaml` path as the docs of a checkout used to spell it (those files live here now)."""
+    `configs/tiny.yaml` path as the docs spell it, from any working directory."""
     head, base = os.path.split(os.path.normpath(name_or_path))
     stem = base[:-5] if base.endswith(".yaml") else base
     if not head or os.path.basename(head) in ("configs", GENERATION):
