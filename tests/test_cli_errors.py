@@ -214,6 +214,9 @@ def _setup_row(name, tmp):
         if name == "pretrain_on_pairs":
             return ["pretrain", w, f"data.pretrain_source={pairs.path}"]
         return ["finetune", w, f"data.finetune_source={text.path}", "finetune.init_from=null"]
+    if name == "data_negative_holdout":
+        (tmp / "c.txt").write_text("some text\n")
+        return ["data", "text", "--data-dir", str(tmp / "d"), "--train", str(tmp / "c.txt"), "--holdout-every", "-3"]
     if name == "run_batch_size_zero":
         return ["run", "--workdir", _workdir(tmp), "--batch-size", "0"]
     raise KeyError(name)
@@ -263,6 +266,7 @@ ROWS = [
     ("pretrain_on_pairs", "pretrain", r"data.pretrain_source=.*: holds summarization pairs, but pretrain reads "
      r"a text corpus \(build them with `bart-jax data text`\)", False),
     ("finetune_on_text", "finetune", r"holds a text corpus, but finetune reads summarization pairs", False),
+    ("data_negative_holdout", "data", r"--holdout-every=-3: must be >= 0", False),
     ("run_batch_size_zero", "run", r"--batch-size=0: must be >= 1", True),
     ("generate_negative_source_length", "generate", r"--max-source-length=-5: must be >= 1", False),
     ("generate_output_under_file", "generate", r"--output .*afile is a file, not a directory", False),

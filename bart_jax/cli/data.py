@@ -64,6 +64,8 @@ def cli_data(argv: list[str]) -> int:
     else:
         split_paths = {split: getattr(args, split) for split in SPLITS}
         holdout_every = args.holdout_every
+        if holdout_every is not None and holdout_every < 0:
+            raise UserError(f"--holdout-every={holdout_every}: must be >= 0 (0: no validation split)")
         if holdout_every is None:
             holdout_every = DEFAULT_HOLDOUT_EVERY if args.train and not args.validation else 0
         if args.command == "text":
