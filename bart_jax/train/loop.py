@@ -111,12 +111,16 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
     # One process per run directory (on a multi-host run, process 0 holds it for all of them).
     lock = run_directory_lock(cfg.workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     reporter = reporter or StageReporter()
+    # From the first step to the exported model a signal is only recorded, and acted on where the stage can
+    # save: the next step boundary, or the end of the stage. Several processes must stop together, so there
+    # that holds from the start (a signal while preparing stops all at the first step); one process stops
+    # at once while it prepares.
+    early = None
     with lock:
         try:
+            early = StopRequest() if jax.process_count() > 1 else None
             setup = setup_stage(cfg, stage, allow_config_change=allow_config_change, reporter=reporter)
-            # From the first step to the exported model a signal is only recorded, and acted on where the
-            # stage can save: the next step boundary, or the end of the stage.
-            with StopRequest() as stop:
+            with early or StopRequest() as stop:
                 state, losses, eval_metrics = train_loop(setup, stop_at_step=stop_at_step, reporter=reporter,
                                                          stop=stop)
                 result = finalise(setup, state, losses, eval_metrics)
@@ -133,6 +137,9 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
                 raise Interrupted(f"interrupted while preparing {stage}, before its first step; run the same "
                                   "command to resume", _signum_of(e)) from None
             raise
+        finally:
+            if early is not None:
+                early.restore()
 
 
 def initialize_distributed(cfg: RunConfig) -> None:

@@ -30,7 +30,7 @@ RESUME_CHECKED_KEYS = (
     "{stage}.optimizer", "{stage}.schedule", "{stage}.train.steps", "{stage}.train.batch_size",
     "{stage}.train.micro_batches", "{stage}.train.source_length", "{stage}.train.target_length",
     "{stage}.train.seed", "{stage}.train.label_smoothing", "data.{stage}_source", "data.train_split",
-    "data.shuffle_seed", "noise")
+    "data.shuffle_seed", "data.shards", "noise")
 ALLOW_CONFIG_CHANGE_HELP = ("resume even if training settings (steps, optimizer, schedule, batch size, lengths, "
                             "data, noise) differ from the checkpoint's; what changed is logged")
 
