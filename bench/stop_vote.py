@@ -5,9 +5,10 @@ collectives, 4 simulated devices each).
 
 Rows: the stop vote as the loop takes it at every step boundary (`StopVote.at_boundary`: queue this boundary's
 vote, read the previous one), a blocking vote (`StopVote.now`, what the end of a stage takes once), and the
-fine-tuning batch-shape agreement of every step across processes (`same_shape_everywhere`). Each row is the
-mean wall time per call over --steps calls with nothing else running in the loop, i.e. an upper bound on what
-it adds to a step whose device work would otherwise hide it.
+fine-tuning batch-shape agreement of every step across processes (`same_shape_everywhere`), each the mean wall
+time per call over --steps calls with nothing else running (so each call waits for its collective); then a
+stand-in train step (data-parallel matmuls, loss read one step late as the loop does) without and with the
+lagged vote, per step.
 """
 
 from __future__ import annotations
@@ -43,10 +44,46 @@ def worker(process_id: int, port: int, steps: int, out: str) -> None:
         for _ in range(steps):
             fn()
         rows[name] = (time.perf_counter() - t0) / steps * 1e3
+    rows.update(_in_a_loop(vote, steps))
     if process_id == 0:
         with open(out, "w") as f:
             json.dump({"processes": 2, "devices_per_process": 4, "steps": steps, "ms_per_call": rows}, f, indent=1)
     jax.distributed.shutdown()
+
+
+def _in_a_loop(vote, steps: int) -> dict[str, float]:
+    """Per-step time of a stand-in train step (a data-parallel matmul whose gradient-like sum crosses the
+    processes, its loss read one step late as the loop reads it) without and with the lagged stop vote."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(jax.devices()), ("all",))
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("all")),
+                                               np.ones((4 * jax.local_device_count(), 512), np.float32))
+    w = jax.device_put(np.full((512, 512), 1e-3, np.float32), NamedSharding(mesh, PartitionSpec()))
+
+    @jax.jit
+    def step(w, x):
+        loss = jnp.mean(jnp.tanh(x @ w) @ w)
+        return w - 1e-3 * jnp.mean(x.T @ jnp.tanh(x @ w), axis=0, keepdims=True), loss
+
+    out = {}
+    for name, with_vote in (("stand-in step alone", False), ("stand-in step + lagged stop vote", True)):
+        pending = None
+        for i in range(steps + 5):
+            if i == 5:
+                t0 = time.perf_counter()
+            if with_vote:
+                vote.at_boundary()
+            w, loss = step(w, x)
+            if pending is not None:
+                float(pending.addressable_data(0))
+            pending = loss
+        float(pending.addressable_data(0))
+        out[name] = (time.perf_counter() - t0) / steps * 1e3
+    return out
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_processes_match_single_process(tmp_path):
     port = free_port()
     out = tmp_path / "result.json"
