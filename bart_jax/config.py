@@ -14,10 +14,12 @@ import jax.numpy as jnp
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu", "swish", "tanh")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # float64 (with jax_enable_x64) exists for verifying exactness against float64 references.
-# Cached-decoding layouts: "cpu" keeps keys/values as [.., heads, head_dim, positions] and computes a step's
-# logits vocabulary-major (both tuned for XLA on CPU); "plain" keeps [.., positions, heads, head_dim] and a
-# plain logits product; "auto" picks "cpu" on the CPU backend and "plain" elsewhere (see `decode_layout_for`).
-DECODE_LAYOUTS = ("auto", "cpu", "plain")
+# Memory layouts of the decoding cache's keys/values, named by their axes (b batch, n heads, h head size,
+# s positions): "bnhs" is what XLA's CPU matmuls read in place, "bsnh" the projections' own layout; "auto"
+# is "bnhs" for a program compiled for CPU and "bsnh" otherwise (see `decode_layout_for`).
+DECODE_LAYOUTS = ("auto", "bnhs", "bsnh")
+# Values that older configs (a saved bart_config.json, a run's stored config) hold, and what they now are.
+RENAMED_VALUES = {"decode_layout": {"cpu": "bnhs", "plain": "bsnh"}}
 ATTENTION_IMPLEMENTATIONS = (None, "explicit", "xla", "cudnn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 
@@ -63,13 +65,18 @@ class BartConfig:
     remat_policy: str = "none"
     scan_layers: bool = True  # False unrolls the same scanned layer code (same parameter layout)
     # Full (not cached) attention: "explicit" (written out), "xla"/"cudnn" (jax.nn.dot_product_attention),
-    # or None: "explicit" on the CPU backend, jax.nn.dot_product_attention's own choice elsewhere.
+    # or None: "explicit" in a program compiled for CPU, jax.nn.dot_product_attention's own choice otherwise.
     attention_implementation: str | None = None
     decode_layout: str = "auto"  # one of DECODE_LAYOUTS (the same model and results in each)
 
     def __post_init__(self):
         def bad(field, why):
             raise ValueError(f"BartConfig.{field}={getattr(self, field)!r}: {why}")
+
+        for field, renamed in RENAMED_VALUES.items():
+            value = getattr(self, field)
+            if isinstance(value, str) and value in renamed:
+                object.__setattr__(self, field, renamed[value])
 
         for f in ("vocab_size", "d_model", "encoder_attention_heads", "decoder_attention_heads",
                   "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings", "pad_vocab_to_multiple_of"):
@@ -119,20 +126,27 @@ class BartConfig:
     def params_dtype(self):
         return DTYPES[self.param_dtype]
 
-    def decode_layout_for(self, backend: str | None = None) -> str:
-        """The cached-decoding layout in force: "cpu" or "plain" ("auto" resolves by `backend`, by default
-        the backend being traced for, `jax.default_backend()`)."""
+    def decode_layout_for(self, platform: str | None = None) -> str:
+        """The decoding cache's layout in a program compiled for `platform` ('cpu', 'gpu', 'cuda', 'rocm',
+        'tpu'): "bnhs" or "bsnh". "auto" resolves by `platform`; None stands for jax's default device, where a
+        program runs whose inputs are not committed elsewhere (`generate` passes its parameters' platform)."""
         if self.decode_layout != "auto":
             return self.decode_layout
-        return "cpu" if (backend or jax.default_backend()) == "cpu" else "plain"
+        return "bnhs" if (platform or jax.default_backend()) == "cpu" else "bsnh"
 
-    def attention_implementation_for(self, backend: str | None = None) -> str:
-        """The full-attention path in force: "explicit", "xla", "cudnn", or "auto" (jax.nn.dot_product_attention
-        picks). None resolves by `backend` (default: the one being traced for): "explicit" on CPU, where the
-        written-out head-major form measured faster (bench/RESULTS.md), "auto" elsewhere."""
+    def for_platform(self, platform: str) -> "BartConfig":
+        """This config with "auto" choices that change shapes (the decoding cache's layout) fixed for a
+        program compiled for `platform`. (Same-shape choices, such as the full-attention path, are made
+        at lowering: see `attention_implementation_for`.)"""
+        return self.replace(decode_layout=self.decode_layout_for(platform))
+
+    def attention_implementation_for(self, platform: str) -> str:
+        """The full-attention path in a program compiled for `platform`: "explicit", "xla", "cudnn", or "auto"
+        (jax.nn.dot_product_attention picks). None resolves to "explicit" on CPU, where the written-out
+        head-major form measured faster (bench/RESULTS.md), and "auto" elsewhere."""
         if self.attention_implementation is not None:
             return self.attention_implementation
-        return "explicit" if (backend or jax.default_backend()) == "cpu" else "auto"
+        return "explicit" if platform == "cpu" else "auto"
 
     def replace(self, **changes) -> "BartConfig":
         return dataclasses.replace(self, **changes)
@@ -254,4 +268,3 @@ def preset(name: str, **overrides) -> BartConfig:
     if name not in _PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {sorted(_PRESETS)}")
     return BartConfig(**{**_PRESETS[name], **overrides})
-

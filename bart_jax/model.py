@@ -16,7 +16,7 @@ import numpy as np
 import flax.linen as nn
 
 from bart_jax.config import BartConfig
-from bart_jax.layers.attention import CACHE_LAYOUTS, cache_length_axis, cache_shape, zeros_init
+from bart_jax.layers.attention import cache_length_axis, cache_shape, zeros_init
 from bart_jax.layers.transformer import Decoder, Encoder, check_length, unstack_layers
 
 
@@ -77,23 +77,38 @@ class Bart(nn.Module):
         scale = self.config.d_model ** 0.5 if self.config.scale_embedding else 1.0
         return self.shared(ids) * jnp.asarray(scale, self.config.compute_dtype)
 
-    def _logits(self, hidden, vocab_major: bool = False):
-        """hidden [..., d] -> float32 logits [..., vocab_size] (tied projection + final_logits_bias).
+    def _logits(self, hidden):
+        """hidden [..., d] -> float32 logits [..., vocab_size] (tied projection + final_logits_bias)."""
+        table, out_dtype = self._logits_table(hidden)
+        logits = jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=out_dtype)
+        return self._finish_logits(logits)
 
-        vocab_major (the "cpu" decode layout) computes the transposed product [vocab, rows] and transposes
-        it back: for the few rows of a decoding step XLA's CPU matmul then streams the [vocab, d] table at
-        close to memory bandwidth (the barrier stops XLA from folding the transpose back in).
-        """
+    def _step_logits(self, hidden):
+        """One decoding step's hidden [rows, d] -> float32 logits [rows, vocab_size], as `_logits`.
+
+        In a program lowered for CPU the product is computed transposed, [vocab, rows], and transposed back:
+        for the few rows of a step XLA's CPU matmul then streams the [vocab, d] table at close to memory
+        bandwidth (the barrier stops XLA from folding the transpose back in)."""
+        table, out_dtype = self._logits_table(hidden)
+
+        def vocab_major(hidden, table):
+            logits = jnp.einsum("vd,md->vm", table, hidden, preferred_element_type=out_dtype)
+            return jax.lax.optimization_barrier(logits).T
+
+        def rows_major(hidden, table):
+            return jnp.einsum("md,vd->mv", hidden, table, preferred_element_type=out_dtype)
+
+        return self._finish_logits(jax.lax.platform_dependent(hidden, table, cpu=vocab_major, default=rows_major))
+
+    def _logits_table(self, hidden):
+        """The output embedding [padded vocab, d] in hidden's dtype, and the logits dtype: float32, or
+        float64 for verification."""
         table = self.shared.embedding if self.config.tie_word_embeddings else self.lm_head
-        out_dtype = jnp.promote_types(hidden.dtype, jnp.float32)  # float32, or float64 for verification
-        table = table.astype(hidden.dtype)
-        if vocab_major:
-            rows = hidden.reshape(-1, hidden.shape[-1])
-            logits = jnp.einsum("vd,md->vm", table, rows, preferred_element_type=out_dtype)
-            logits = jax.lax.optimization_barrier(logits).T.reshape(*hidden.shape[:-1], -1)
-        else:
-            logits = jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=out_dtype)
-        logits = logits + self.final_logits_bias.astype(out_dtype)
+        return table.astype(hidden.dtype), jnp.promote_types(hidden.dtype, jnp.float32)
+
+    def _finish_logits(self, logits):
+        """+ final_logits_bias, cut to the logical vocabulary."""
+        logits = logits + self.final_logits_bias.astype(logits.dtype)
         return logits[..., : self.config.vocab_size]
 
     def encode(self, input_ids, attention_mask, deterministic: bool = True):
@@ -127,8 +142,8 @@ class Bart(nn.Module):
         """Decoding cache for `num_beams` beams per input and up to `max_length` decoder positions.
 
         Returns {'self_k', 'self_v': zeros [L, B*K, N, H, max_length], 'cross_k', 'cross_v': [L, B, N, H, S]}
-        in the "cpu" decode layout, or [L, B*K, max_length, N, H] and [L, B, S, N, H] in the "plain" one
-        (`config.decode_layout_for()`, see `CACHE_LAYOUTS`); with per_layer each leaf is a tuple of L
+        in the "bnhs" decode layout, or [L, B*K, max_length, N, H] and [L, B, S, N, H] in the "bsnh" one
+        (`config.decode_layout_for()`); with per_layer each leaf is a tuple of L
         per-layer arrays (the cache of the unrolled `decode_step`). Cross-attention keys/values are
         computed here once per input, at batch size B.
         """
@@ -139,7 +154,7 @@ class Bart(nn.Module):
         batch = encoder_hidden.shape[0]
         heads = cfg.decoder_attention_heads
         per_layer_shape = cache_shape(batch * num_beams, max_length, heads, cfg.d_model // heads,
-                                      CACHE_LAYOUTS[cfg.decode_layout_for()])
+                                      cfg.decode_layout_for())
         zeros = jnp.zeros((cfg.decoder_layers, *per_layer_shape), cfg.compute_dtype)
         cache = {"self_k": zeros, "self_v": zeros, **cross}
         if per_layer:
@@ -158,13 +173,13 @@ class Bart(nn.Module):
         """
         chex.assert_rank(token_ids, 1)
         layout = self.config.decode_layout_for()
-        max_length = jax.tree.leaves(cache["self_v"])[0].shape[cache_length_axis(CACHE_LAYOUTS[layout])]
+        max_length = jax.tree.leaves(cache["self_v"])[0].shape[cache_length_axis(layout)]
         self_mask = (jnp.arange(max_length) <= index)[None, None, None, :]
         hidden, cache = self.decoder(
             self._embed(token_ids[:, None]), jnp.reshape(index, (1,)), None,
             encoder_mask.astype(bool)[:, None, None, :], self_mask,
             mode="step", deterministic=True, cache=cache, index=index, layer_params=layer_params)
-        return self._logits(hidden[:, 0], vocab_major=layout == "cpu"), cache
+        return self._step_logits(hidden[:, 0]), cache
 
 
 def decoder_layer_params(config: BartConfig, params) -> tuple:

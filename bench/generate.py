@@ -14,7 +14,7 @@ On a GPU it also runs the XSum shape (bart-large, source 1024, beam 6, batch 32,
 and compares with NVIDIA's published 17.7 sequences/s on A100 (DeepLearningExamples BART, FP16/AMP).
 
     python bench/generate.py [--hf-python /path/to/python] [--out bench/out/generate.json] [--quick]
-                             [--preset bart-base] [--source 512] [--decode-layout auto|cpu|plain]
+                             [--preset bart-base] [--source 512] [--decode-layout auto|bnhs|bsnh]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ngram", type=int, default=0, help="no_repeat_ngram_size for every case (presets use 3)")
     parser.add_argument("--preset", default="bart-base", help="model shape (bart_jax.config presets)")
     parser.add_argument("--source", type=int, default=SOURCE_LENGTH, help="source length")
-    parser.add_argument("--decode-layout", default="auto", help="BartConfig.decode_layout: auto, cpu or plain")
+    parser.add_argument("--decode-layout", default="auto", help="BartConfig.decode_layout: auto, bnhs or bsnh")
     parser.add_argument("--no-scan", action="store_true",
                         help="skip the scan-over-layers decoder column (generate(..., scan_decoder=True))")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ EOS, PAD, BOS = 2, 1, 0
 
 
 # ----------------------------------------------------------------------------- HF parity
-@pytest.mark.parametrize("layout", ["cpu", "plain"])
+@pytest.mark.parametrize("layout", ["bnhs", "bsnh"])
 @pytest.mark.parametrize("name,scan_decoder",
                          [(name, False) for name in GENERATION_FIXTURES] + [("bart_default", True)])
 def test_hugging_face_parity(name, scan_decoder, layout):

@@ -98,11 +98,11 @@ def test_remat_changes_nothing_numerically(cfg_params, policy):
 
 
 # The cache shapes of each decode layout for 2 inputs, 4 heads of 16, 8 source and 10 decoder positions.
-CACHE_SHAPES = {"cpu": lambda rows, length: (rows, 4, 16, length),  # [B*K, N, H, T]
-                "plain": lambda rows, length: (rows, length, 4, 16)}  # [B*K, T, N, H]
+CACHE_SHAPES = {"bnhs": lambda rows, length: (rows, 4, 16, length),  # [B*K, N, H, T]
+                "bsnh": lambda rows, length: (rows, length, 4, 16)}  # [B*K, T, N, H]
 
 
-@pytest.mark.parametrize("layout", ["cpu", "plain"])
+@pytest.mark.parametrize("layout", ["bnhs", "bsnh"])
 @pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize("unrolled", [False, True])
 def test_cached_steps_equal_full_forward(cfg_params, num_beams, unrolled, layout):
@@ -134,27 +134,33 @@ def test_cached_steps_equal_full_forward(cfg_params, num_beams, unrolled, layout
         chex.assert_trees_all_close(logits, expect, atol=2e-5)
 
 
-def test_decode_layout_resolves_per_backend():
-    """'auto' is the CPU-tuned form on CPU only; an explicit layout holds on every backend."""
+def test_decode_layout_resolves_per_platform():
+    """'auto' is the CPU-tuned layout for a program compiled for CPU only; an explicit layout holds on every
+    platform."""
     cfg = tiny()
     assert cfg.decode_layout == "auto"
-    assert [cfg.decode_layout_for(b) for b in ("cpu", "gpu", "tpu")] == ["cpu", "plain", "plain"]
-    assert cfg.decode_layout_for() == ("cpu" if jax.default_backend() == "cpu" else "plain")
-    for layout in ("cpu", "plain"):
-        assert {cfg.replace(decode_layout=layout).decode_layout_for(b) for b in ("cpu", "gpu")} == {layout}
+    assert [cfg.decode_layout_for(p) for p in ("cpu", "gpu", "cuda", "tpu")] == ["bnhs", "bsnh", "bsnh", "bsnh"]
+    assert cfg.decode_layout_for() == ("bnhs" if jax.default_backend() == "cpu" else "bsnh")
+    assert [cfg.for_platform(p).decode_layout for p in ("cpu", "cuda")] == ["bnhs", "bsnh"]
+    for layout in ("bnhs", "bsnh"):
+        assert {cfg.replace(decode_layout=layout).decode_layout_for(p) for p in ("cpu", "gpu")} == {layout}
+        assert cfg.replace(decode_layout=layout).for_platform("cuda").decode_layout == layout
 
 
-@pytest.mark.parametrize("layout", ["cpu", "plain"])
-def test_decode_layout_switches_the_step_logits_form(cfg_params, layout):
-    """Only the CPU form computes a step's logits vocabulary-major behind an optimization barrier."""
+@pytest.mark.parametrize("layout", ["bnhs", "bsnh"])
+def test_step_logits_form_follows_the_lowering_platform(cfg_params, layout):
+    """Only a program lowered for CPU computes a step's logits vocabulary-major behind an optimization barrier,
+    in either cache layout, whatever machine it is traced on."""
     cfg, params = cfg_params
     model = Bart(cfg.replace(decode_layout=layout))
     ids, am, _, _ = batch()
     enc = model.apply({"params": params}, ids, am, method="encode")
     cache = model.apply({"params": params}, enc, am, 1, 4, method="init_cache")
-    hlo = jax.jit(lambda c: model.apply({"params": params}, jnp.array([2, 2]), jnp.int32(0), c, am,
-                                        method="decode_step")).lower(cache).as_text()
-    assert ("optimization_barrier" in hlo) == (layout == "cpu")
+    step = jax.jit(lambda c: model.apply({"params": params}, jnp.array([2, 2]), jnp.int32(0), c, am,
+                                         method="decode_step"))
+    for platform in ("cpu", "cuda"):
+        hlo = step.trace(cache).lower(lowering_platforms=(platform,)).as_text()
+        assert ("optimization_barrier" in hlo) == (platform == "cpu"), platform
 
 
 def test_unrolled_step_rejects_wrong_layer_count(cfg_params):
@@ -176,6 +182,40 @@ def test_attention_implementation_resolves_per_backend():
     for impl in ("explicit", "xla"):
         assert {cfg.replace(attention_implementation=impl).attention_implementation_for(b)
                 for b in ("cpu", "gpu")} == {impl}
+
+
+def test_full_attention_path_is_chosen_for_the_lowering_platform(cfg_params):
+    """With no attention_implementation set, a program lowered for CPU writes attention out and one lowered
+    for CUDA (here, on a CPU-only machine) goes through jax.nn.dot_product_attention, whose einsum is
+    'BTNH,BSNH->BNTS'; a set implementation holds on every platform."""
+    cfg, params = cfg_params
+    ids, am, dec, dm = batch()
+
+    def lowered(config, platform):
+        fn = jax.jit(lambda p: Bart(config).apply({"params": p}, ids, am, dec, dm))
+        return fn.trace(params).lower(lowering_platforms=(platform,)).as_text(debug_info=True)
+
+    for platform, explicit in (("cpu", True), ("cuda", False)):
+        text = lowered(cfg, platform)
+        assert ("bnth,bnsh->bnts" in text, "BTNH,BSNH->BNTS" in text) == (explicit, not explicit), platform
+    assert "BTNH,BSNH->BNTS" in lowered(cfg.replace(attention_implementation="xla"), "cpu")
+    assert "BTNH,BSNH->BNTS" not in lowered(cfg.replace(attention_implementation="explicit"), "cuda")
+
+
+def test_old_decode_layout_names_still_load(tmp_path):
+    """Configs saved with the backend-named layouts ('cpu', 'plain') load as the shape-named ones."""
+    import json
+
+    from bart_jax.convert.checkpoints import NATIVE_CONFIG, load_model, save_model
+
+    for old, new in (("cpu", "bnhs"), ("plain", "bsnh")):
+        stored = {**tiny().to_dict(), "decode_layout": old}
+        assert BartConfig.from_dict(json.loads(json.dumps(stored))).decode_layout == new
+        assert tiny(decode_layout=old) == tiny(decode_layout=new)
+    save_model(tmp_path / "model", tiny(), init_params(tiny()))
+    saved = tmp_path / "model" / NATIVE_CONFIG
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "decode_layout": "cpu"}))
+    assert load_model(tmp_path / "model")[0].decode_layout == "bnhs"
 
 
 def test_explicit_and_jax_attention_agree_with_padding(cfg_params):
@@ -307,3 +347,25 @@ def test_attention_dropout_path():
     chex.assert_trees_all_close(a, ref, atol=1e-6)  # inactive when deterministic
     b = model.apply({"params": params}, ids, am, dec, dm, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
     assert float(jnp.max(jnp.abs(a - b))) > 1e-4
+
+
+def test_generate_lays_the_cache_out_for_the_platform_holding_the_parameters(cfg_params, monkeypatch):
+    """'auto' is fixed before compiling, from where the parameters are (jit compiles for their devices)."""
+    import importlib
+
+    generate_lib = importlib.import_module("bart_jax.decode.generate")  # the module (the package re-exports `generate`)
+    cfg, params = cfg_params
+    assert generate_lib.params_platform(params) == "cpu"
+    assert generate_lib.params_platform(jax.tree.map(np.asarray, params)) == jax.default_backend()
+    seen = []
+
+    def fake_generate_ids(config, *args, **kwargs):
+        seen.append(config.decode_layout)
+        return generate_lib.GenerateOutput(jnp.zeros((2, 1, 4), jnp.int32), jnp.zeros((2, 1)))
+
+    monkeypatch.setattr(generate_lib, "generate_ids", fake_generate_ids)
+    ids, am, _, _ = batch()
+    generate_lib.generate(cfg, params, ids, am, max_length=4)
+    monkeypatch.setattr(generate_lib, "params_platform", lambda params: "gpu")
+    generate_lib.generate(cfg, params, ids, am, max_length=4)
+    assert seen == ["bnhs", "bsnh"]

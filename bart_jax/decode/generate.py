@@ -165,6 +165,15 @@ def generate_ids(config: BartConfig, params, input_ids, attention_mask, controls
     return GenerateOutput(sequences, scores)
 
 
+def params_platform(params) -> str:
+    """The platform of the devices holding `params`, where jit compiles a program over them ('cpu', 'gpu',
+    'tpu'); jax's default backend for host (NumPy) parameters."""
+    for leaf in jax.tree.leaves(params):
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+            return next(iter(leaf.sharding.device_set)).platform
+    return jax.default_backend()
+
+
 def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=None, scan_decoder: bool = False,
              **controls) -> GenerateOutput:
     """Generate with Hugging Face PyTorch `generate` semantics for BART, as one jitted program.
@@ -178,9 +187,11 @@ def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=
     (one compiled layer body: for very deep decoders where compile time matters) instead of the default
     unrolled layers over per-layer weight buffers split once per call (no per-step weight copies; MaxText
     serves unscanned layers for the same reason). Same results either way.
+    The decoding cache's layout ("auto") is chosen for the platform of the devices holding `params`.
     Returns GenerateOutput(sequences int32 [B, R, max_length] with the decoder start token first and pad
     after EOS, scores float32 [B, R]).
     """
+    config = config.for_platform(params_platform(params))
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")

@@ -6,6 +6,8 @@ B batch, T query length, S key length, N heads, H head size, d model width.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,10 +28,10 @@ def zeros_init(axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros, axes)
 
 
-# Key/value layout of the decoding cache per `BartConfig.decode_layout_for()`: 'bnhs' ([B, N, H, S]) is what
-# XLA's CPU matmuls read in place (with others it transposed every layer's cache at every step); 'bsnh'
-# ([B, S, N, H]) is the plain layout the projections produce, updated in place with dynamic_update_slice.
-CACHE_LAYOUTS = {"cpu": "bnhs", "plain": "bsnh"}
+# Key/value layouts of the decoding cache (`BartConfig.decode_layout_for`), named by their axes: 'bnhs'
+# ([B, N, H, S]) is what XLA's CPU matmuls read in place (with others it transposed every layer's cache at
+# every step); 'bsnh' ([B, S, N, H]) is the layout the projections produce, updated in place with
+# dynamic_update_slice.
 
 
 def to_cache_layout(x, layout: str):
@@ -62,7 +64,7 @@ def explicit_attention(q, k, v, mask, k_layout: str, v_layout: str):
     """Cached-decoding attention: softmax(q k^T / sqrt(H) masked) v written out, the softmax in float32
     (or float64).
 
-    q: [B, T, N, H]; k, v: laid out as `k_layout`/`v_layout` say (see `CACHE_LAYOUTS`); mask: bool
+    q: [B, T, N, H]; k, v: laid out as `k_layout`/`v_layout` say ('bnhs' or 'bsnh'); mask: bool
     broadcastable to [B, N, T, S] (True = attend). Returns [B, T, N, H]. (Full attention:
     `dot_product_attention`.)
     """
@@ -104,17 +106,32 @@ def dot_product_attention(q, k, v, mask, config: BartConfig, deterministic: bool
     """softmax(q k^T / sqrt(H) masked) v over full (not cached) keys and values.
 
     q: [B, T, N, H]; k, v: [B, S, N, H]; mask: bool broadcastable to [B, N, T, S] (True = attend).
-    Returns [B, T, N, H]. `config.attention_implementation_for()` picks the path: "explicit" writes it
-    out (`head_major_attention`, with attention dropout when active); "xla" or "cudnn" go through
-    `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU), which has no attention dropout and
-    takes its softmax in float32, so dropout and float64 (exactness checks) always take the explicit path.
+    Returns [B, T, N, H]. `config.attention_implementation_for(platform)` picks the path for the platform
+    the program is lowered for: "explicit" writes it out (`head_major_attention`, with attention dropout when
+    active); "auto", "xla" or "cudnn" go through `jax.nn.dot_product_attention` (cuDNN's fused kernel on
+    GPU), which has no attention dropout and takes its softmax in float32, so dropout and float64
+    (exactness checks) always take the explicit path.
     """
     dropout = config.attention_dropout > 0.0 and not deterministic
-    implementation = config.attention_implementation_for()
-    if dropout or q.dtype == jnp.float64 or implementation == "explicit":
+    if dropout or q.dtype == jnp.float64:
         return head_major_attention(q, k, v, mask, dropout_module=dropout_module if dropout else None)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if implementation == "auto"
-                                        else implementation)
+
+    def path(implementation: str):
+        if implementation == "explicit":
+            return head_major_attention
+        return functools.partial(_library_attention,
+                                 implementation=None if implementation == "auto" else implementation)
+
+    if config.attention_implementation is not None:  # the same path on every platform
+        return path(config.attention_implementation)(q, k, v, mask)
+    # Chosen when the program is lowered, for the platform it is lowered for (not the one traced on).
+    return jax.lax.platform_dependent(q, k, v, mask, cpu=path(config.attention_implementation_for("cpu")),
+                                      default=path(config.attention_implementation_for("default")))
+
+
+def _library_attention(q, k, v, mask, implementation: str | None):
+    """`jax.nn.dot_product_attention` over q [B, T, N, H], k, v [B, S, N, H] -> [B, T, N, H]."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 class Projection(nn.Module):

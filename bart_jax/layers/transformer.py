@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from bart_jax.config import BartConfig
-from bart_jax.layers.attention import (CACHE_LAYOUTS, Attention, dense_kernel_init, to_cache_layout, write_cache,
+from bart_jax.layers.attention import (Attention, dense_kernel_init, to_cache_layout, write_cache,
                                        zeros_init)
 
 
@@ -92,7 +92,7 @@ class DecoderLayer(nn.Module):
                  or [B, S, N, H]).
     - 'step'     (one cached token): carry (x [B*K, 1, d], self_k, self_v); xs (layer, cross_k, cross_v);
                  cross keys/values are shared by the K beams of an input. Cache leaves are [.., N, H, T]
-                 or [.., T, N, H] as `config.decode_layout_for()` says (see `CACHE_LAYOUTS`). Under the
+                 or [.., T, N, H] as `config.decode_layout_for()` says ('bnhs' or 'bsnh'). Under the
                  scan, `layer` is the traced layer index and self_k/self_v are the whole stacked cache
                  [L, B*K, ...] (updated in place at `index`); unrolled, `layer` is None and they are this
                  layer's own [B*K, ...].
@@ -107,7 +107,7 @@ class DecoderLayer(nn.Module):
         cfg, det = self.config, self.deterministic
         self_attn = Attention(cfg, cfg.decoder_attention_heads, name="self_attn")
         cross_attn = Attention(cfg, cfg.decoder_attention_heads, name="encoder_attn")
-        layout = CACHE_LAYOUTS[cfg.decode_layout_for()]
+        layout = cfg.decode_layout_for()
         if self.mode == "cross_kv":
             k, v = cross_attn.project_kv(enc)
             return carry, {"cross_k": to_cache_layout(k, layout), "cross_v": to_cache_layout(v, layout)}
