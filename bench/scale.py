@@ -14,8 +14,11 @@ of the loops around it (layers x micro-batches), next to the analytic expectatio
 the ASSUMPTIONS below, printed with the table and stored in the JSON.
 
 Caveats (also in bench/RESULTS.md): XLA:CPU has no reduce-scatter creator, so FSDP's gradient
-reduce-scatters appear as all-reduces (twice the ring traffic of the reduce-scatter XLA:GPU emits); and
-the temporaries are XLA:CPU's buffer assignment, not XLA:GPU's (different fusion and scheduling).
+reduce-scatters appear as all-reduces (twice the ring traffic of the reduce-scatter XLA:GPU emits);
+XLA:CPU widens bf16 collectives to f32 (its float-normalization pass runs after SPMD partitioning, whose
+output gathers the layers' weights in bf16), so the all-gather column counts fp32 bytes; and the
+temporaries are XLA:CPU's buffer assignment, not XLA:GPU's (different fusion and scheduling). Each row
+lists the involuntary-rematerialization warnings its compilation printed ("remat_warnings").
 """
 
 from __future__ import annotations
@@ -120,12 +123,14 @@ def compile_case(name: str, layout, per_shard_batch: int, source: int, target: i
     colls = aot.collectives(hlo, n)
     param_bytes = aot.global_bytes(abstract.params)
     opt_bytes = aot.global_bytes(abstract.opt_state)
-    # Analytic expectations per device: state split over fsdp x tensor; FSDP gathers the (fp32) weights
-    # of its tensor slice for the forward and again for the backward of every micro-batch and reduces each
-    # micro-batch's gradient (ring: (f-1)/f of the buffer), the data axis all-reduces the shard (2(d-1)/d).
+    # Analytic expectations per device: state split over fsdp x tensor; FSDP gathers the weights of its
+    # tensor slice for the forward and again for the backward of every micro-batch (counted in fp32: XLA:CPU
+    # widens the bf16 gathers the partitioner emits); the gradient, summed over micro-batches first, is
+    # reduce-scattered over fsdp once per step (ring: (f-1)/f of the buffer) and the data axis all-reduces
+    # the shard (2(d-1)/d).
     shard = param_bytes / (f * t)
     expect_gather = 2 * micro * (param_bytes / t) * (f - 1) / f
-    expect_grad = micro * ((param_bytes / t) * (f - 1) / f + shard * 2 * (d - 1) / d)
+    expect_grad = (param_bytes / t) * (f - 1) / f + shard * 2 * (d - 1) / d
     local = [c for c in colls if c["span"] <= ASSUMPTIONS["gpus_per_node"]]
     remote = [c for c in colls if c["span"] > ASSUMPTIONS["gpus_per_node"]]
     step_flops = flops.train_step_flops(config, batch, source, target)
@@ -156,12 +161,20 @@ def compile_case(name: str, layout, per_shard_batch: int, source: int, target: i
 
 
 def worker(args) -> int:
-    """Compile the cases given as JSON on argv in this process (its device count is set by XLA_FLAGS)."""
+    """Compile the cases given as JSON on argv in this process (its device count is set by XLA_FLAGS).
+    XLA's warnings go to a file, so each row lists the rematerialization warnings its compile raised."""
+    import tempfile
+
+    log = tempfile.TemporaryFile("w+")
+    os.dup2(log.fileno(), 2)
     for case in json.loads(args.worker):
+        start = log.seek(0, os.SEEK_END)
         try:
             row = compile_case(**case)
         except Exception as e:  # one failed case must not lose the others
             row = {**case, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+        log.seek(start)
+        row["remat_warnings"] = [line.strip()[:300] for line in log.read().splitlines() if "rematerializ" in line]
         print("SCALE_ROW " + json.dumps(row), flush=True)
     return 0
 

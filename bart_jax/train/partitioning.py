@@ -124,6 +124,46 @@ def batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def batch_shards_in_context() -> int:
+    """Batch shards (data x fsdp) of the mesh set by `jax.set_mesh` at trace time; 1 without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+
+
+def _without_batch_axes(axes):
+    """A PartitionSpec entry with the batch mesh axes removed."""
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    kept = tuple(a for a in names if a not in BATCH_AXES)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+
+def per_shard_rules(rules) -> tuple:
+    """`rules` for code vmapped over the batch shards with `spmd_axis_name=BATCH_AXES`: the vmapped axis
+    already takes the batch mesh axes, so no logical name may map to them again."""
+    return tuple((name, _without_batch_axes(axes)) for name, axes in rules)
+
+
+def partial_sum_sharding(sharding: NamedSharding) -> NamedSharding:
+    """The sharding of per-batch-shard partial sums [shards, *shape] of an array sharded as `sharding`:
+    the leading axis over the batch axes, the batch axes dropped from the others (each shard holds its
+    own partial sum of the whole array, or of its tensor slice)."""
+    return NamedSharding(sharding.mesh, P(BATCH_AXES, *(_without_batch_axes(a) for a in sharding.spec)))
+
+
+def sum_partials(partial, sharding: NamedSharding):
+    """Sum per-batch-shard partial sums [data * fsdp, *shape] (`partial_sum_sharding`) into one array
+    sharded as `sharding`: over fsdp first (a reduce-scatter onto the fsdp shards, inside a node), then over
+    data (an all-reduce of that shard only), so links between fsdp groups carry 1/fsdp of the array."""
+    mesh = sharding.mesh
+    rest = tuple(_without_batch_axes(a) for a in sharding.spec)
+    per_group = partial.reshape(mesh.shape["data"], mesh.shape["fsdp"], *partial.shape[1:])
+    per_group = jax.lax.with_sharding_constraint(per_group, NamedSharding(mesh, P("data", "fsdp", *rest)))
+    per_data = jax.lax.with_sharding_constraint(per_group.sum(axis=1), NamedSharding(mesh, P("data", *sharding.spec)))
+    return jax.lax.with_sharding_constraint(per_data.sum(axis=0), sharding)
+
+
 def check_batch_divisible(batch_size: int, micro_batches: int, mesh: Mesh, what: str = "train.batch_size"):
     shards = batch_shards(mesh)
     if batch_size % (micro_batches * shards):

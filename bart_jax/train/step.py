@@ -3,6 +3,7 @@ pretraining and fine-tuning, and their sharded jit compilation."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import chex
@@ -88,11 +89,17 @@ def _split_micro(batch: dict, micro_batches: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def accumulate(micro_grads, micro: dict, step_key, params, constrain):
+def _shard_rows(batch: dict, shards: int) -> dict:
+    """[B, ...] -> [shards, B/shards, ...]: block s holds the rows batch shard s holds (the batch is split
+    over data x fsdp in contiguous row blocks)."""
+    return jax.tree.map(lambda x: x.reshape(shards, x.shape[0] // shards, *x.shape[1:]), batch)
+
+
+def accumulate(micro_grads, micro: dict, step_key, zeros, constrain):
     """Sum `micro_grads(batch, key) -> (grads, loss, nll, correct)` over micro-batches in a scan.
 
     micro: the model batch split as [M, B/M, ...] (`_split_micro`); micro-batch i draws its dropout from
-    fold_in(step_key, i). The float32 gradient carry is pinned by `constrain` (FSDP accumulates shards).
+    fold_in(step_key, i). zeros: the float32 gradient carry (pinned by `constrain`).
     """
     def body(carry, xs):
         acc, loss_acc, nll_acc, corr_acc = carry
@@ -101,10 +108,9 @@ def accumulate(micro_grads, micro: dict, step_key, params, constrain):
         acc = constrain(jax.tree.map(jnp.add, acc, g))
         return (acc, loss_acc + loss, nll_acc + nll, corr_acc + correct), None
 
-    zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
     scalar = jnp.zeros((), jnp.float32)
     num_micro = jax.tree.leaves(micro)[0].shape[0]
-    (grads, loss, nll, correct), _ = jax.lax.scan(body, (zeros, scalar, scalar, scalar),
+    (grads, loss, nll, correct), _ = jax.lax.scan(body, (constrain(zeros), scalar, scalar, scalar),
                                                   (jnp.arange(num_micro), micro))
     return grads, loss, nll, correct
 
@@ -152,7 +158,10 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
     decoder_input_ids, decoder_attention_mask, labels). The loss is the label-smoothed CE (`loss_sums`, in
     `label_smoothing_form`) summed over the real target tokens of the whole global batch divided by their
     count (0 tokens: loss 0, no update), so M micro-batches give exactly the gradient of the full batch.
-    Gradients accumulate in float32.
+    Gradients accumulate in float32, per batch shard (data x fsdp): each device keeps a partial sum of
+    the whole gradient (of its tensor slice) over its rows of every micro-batch, and the shards' sums are
+    reduced once per step (`partitioning.sum_partials`). Dropout keys fold in the micro-batch and the
+    batch-shard index, so masks depend on the mesh's batch shard count.
     A step whose loss or gradient norm is not finite leaves params/opt_state unchanged and bumps
     `nonfinite_streak` / `nonfinite_total`; any finite step resets the streak.
     metrics (f32/int32 scalars): loss, nll, accuracy, tokens, grad_norm, learning_rate, skipped,
@@ -166,12 +175,13 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
     deterministic = model_config.dropout == 0 and model_config.attention_dropout == 0 \
         and model_config.activation_dropout == 0
 
-    def constrain(grads):
-        # Only the accumulation carry is pinned (to the parameter shardings, so FSDP accumulates shards);
-        # elsewhere XLA propagates shardings from the state's in/out shardings.
-        if grad_shardings is None:
-            return grads
-        return jax.lax.with_sharding_constraint(grads, grad_shardings)
+    def constrain(tree, shardings):
+        # Only the gradients are pinned (elsewhere XLA propagates shardings from the state's in/out
+        # shardings): the partial sums to one per batch shard, their total to the parameter shardings.
+        return tree if grad_shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+    partial_shardings = None if grad_shardings is None else jax.tree.map(
+        partitioning.partial_sum_sharding, grad_shardings)
 
     def train_step(state: TrainState, batch: dict):
         full = batch_fn(batch, state.step)
@@ -181,21 +191,44 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
         denom = jnp.maximum(total_tokens, 1).astype(jnp.float32)
         step_key = jax.random.fold_in(state.rng, state.step)
 
-        def micro_grads(mb, key):
+        # Each batch shard differentiates its own rows (a vmap over the shards, laid out on the batch mesh
+        # axes) and keeps its partial gradient sum through all micro-batches; the one cross-device
+        # reduction per step is the final sum over shards. Under plain jit the partitioner would reduce
+        # every micro-batch's gradient, and each use of the tied embedding's, separately.
+        shards = partitioning.batch_shards_in_context()
+        spmd_axes = None if jax.sharding.get_abstract_mesh().empty else partitioning.BATCH_AXES
+        shard_rules = partitioning.per_shard_rules(nn.get_logical_axis_rules())
+
+        def shard_grads(rows, key):
             def loss_fn(params):
-                logits = _forward(model, params, mb, key, deterministic)
-                sm, nll, correct, _ = loss_sums(logits, mb["labels"], pad_id, label_smoothing, label_smoothing_form)
+                logits = _forward(model, params, rows, key, deterministic)
+                sm, nll, correct, _ = loss_sums(logits, rows["labels"], pad_id, label_smoothing, label_smoothing_form)
                 return sm / denom, (nll, correct)
 
             (loss, (nll, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
             grads = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), grads)
             return grads, loss, nll, correct
 
+        def micro_grads(mb, key):
+            """Per-shard partial sums: grads [shards, *param shape] and the scalar sums over shards."""
+            keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(shards))
+            with nn.logical_axis_rules(shard_rules):
+                grads, loss, nll, correct = jax.vmap(shard_grads, spmd_axis_name=spmd_axes)(
+                    _shard_rows(mb, shards), keys)
+            return constrain(grads, partial_shardings), jnp.sum(loss), jnp.sum(nll), jnp.sum(correct)
+
         if micro_batches == 1:
-            grads, loss, nll, correct = micro_grads(full, step_key)
+            partial, loss, nll, correct = micro_grads(full, step_key)
         else:
-            grads, loss, nll, correct = accumulate(micro_grads, _split_micro(full, micro_batches), step_key,
-                                                   state.params, constrain)
+            zeros = jax.tree.map(lambda p: jnp.zeros((shards, *p.shape), jnp.promote_types(p.dtype, jnp.float32)),
+                                 state.params)
+            partial, loss, nll, correct = accumulate(micro_grads, _split_micro(full, micro_batches), step_key,
+                                                     zeros, lambda g: constrain(g, partial_shardings))
+        with jax.named_scope("sum_gradients"):
+            if grad_shardings is None:
+                grads = jax.tree.map(lambda g: jnp.sum(g, axis=0), partial)
+            else:
+                grads = jax.tree.map(partitioning.sum_partials, partial, grad_shardings)
 
         new_state, update_metrics = guarded_update(state, grads, loss, total_tokens, optimizer)
         metrics = {"loss": loss, "nll": nll / denom, "accuracy": correct / denom, "tokens": total_tokens,
