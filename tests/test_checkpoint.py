@@ -125,7 +125,7 @@ def uninterrupted(tmp_path_factory, tokenizer_dir):
     return cfg, pretrain(cfg)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_resume_after_kill_continues_exactly(tmp_path, uninterrupted, tokenizer_dir):
     """A run killed after step 3 leaves only its checkpoints (the last at step 2; crash-safety of the save
     itself is tested above). Restarting from them repeats steps 3-4 of the uninterrupted run bit for bit:
@@ -148,7 +148,7 @@ def test_resume_after_kill_continues_exactly(tmp_path, uninterrupted, tokenizer_
     chex.assert_trees_all_equal(jax.device_get(new_params), jax.device_get(ref_params))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_preempted_run_resumes_with_same_losses(tmp_path, uninterrupted, tokenizer_dir):
     """The run itself stops after step 3 without a final checkpoint (what preemption leaves: the step-2
     checkpoint); the same call again resumes there and its losses equal the uninterrupted run's exactly."""
@@ -171,7 +171,7 @@ def _param_targets(model):
     return shapes, partitioning.logical_to_shardings(param_logical_axes(model), shapes, mesh)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_finetune_from_pretraining_run(uninterrupted, tokenizer_dir):
     """Fine-tuning starts from the pretraining run's parameters (not its LAMB state) and trains on pairs."""
     from bart_jax.train.loop import finetune, model_config_and_init

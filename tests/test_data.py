@@ -305,7 +305,7 @@ def test_pretrain_deterministic_reshuffled_and_worker_independent():
     assert sorted(firsts[:23]) == sorted(firsts[23:]) == list(range(23)) and firsts[:23] != firsts[23:]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_pretrain_same_output_with_worker_processes():
     docs, tok = _docs(23), WordTokenizer()
     kw = dict(seq_len=16, batch_size=4, seed=2, process_index=0, process_count=1)

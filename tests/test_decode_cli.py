@@ -35,6 +35,7 @@ def checkpoint(tmp_path_factory):
     return str(directory)
 
 
+@pytest.mark.integration
 def test_generate_streams_a_file(checkpoint, tmp_path, capsys):
     source = tmp_path / "docs.txt"
     source.write_text("\n".join(DOCS) + "\n")
@@ -49,6 +50,7 @@ def test_generate_streams_a_file(checkpoint, tmp_path, capsys):
     assert "generated 4 documents" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_generate_jsonl_stdin_and_return_sequences(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:3])))
     out = tmp_path / "out.jsonl"
@@ -73,6 +75,7 @@ def test_generate_bad_arguments(checkpoint, argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_evaluate_writes_predictions_and_rouge(checkpoint, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"document": d, "summary": d.split()[0] + " things. More words."}) + "\n"

@@ -51,6 +51,7 @@ def _install(src: str, target: str, dist: str) -> str:
     return "build_py"
 
 
+@pytest.mark.integration  # builds and installs the package
 def test_installed_package_has_configs_and_presets(tmp_path):
     src = tmp_path / "src"  # a clean copy, so the build writes nothing into the checkout
     src.mkdir()

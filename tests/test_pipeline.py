@@ -17,7 +17,7 @@ def test_lead_summary_takes_first_sentence_and_truncates():
     assert lead_summary("one two three four. five", 2) == "one two"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_quick_main_job(tmp_path):
     # Run as a user runs it: the `bart-jax run` command in its own process, on one CPU device (this process
     # simulates 8 for the sharding tests).

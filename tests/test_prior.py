@@ -40,7 +40,7 @@ def _config(tmp_path, bias_init: str):
         "checkpoint.async_save=false", f"pretrain.logits_bias_init={bias_init}"])
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_pretraining_from_scratch_starts_the_output_bias_at_the_target_prior(tmp_path):
     from bart_jax.convert import from_pretrained
 

@@ -97,7 +97,7 @@ def _latest(checkpoint_dir):
         ckpt.close()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_resume_with_changed_training_settings_is_refused_unless_allowed(small_run, caplog):
     args, first = small_run
     longer = C.load_config("tiny", args + ["pretrain.train.steps=4", "pretrain.optimizer.learning_rate=0.5"])

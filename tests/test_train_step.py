@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bart_jax import preset
 from bart_jax.model import param_logical_axes, shift_tokens_right
@@ -152,6 +153,7 @@ def test_bf16_compute_keeps_fp32_master_weights():
     np.testing.assert_allclose(m["loss"], m32["loss"], rtol=2e-2)  # same init, bf16 matmuls
 
 
+@pytest.mark.integration  # a whole CLI stage; the guard itself: test_guard.py
 def test_training_stops_after_k_nonfinite_steps(tmp_path, capsys):
     """A step that blows the weights up gives NaN afterwards; after K in a row the CLI stops with a clear
     message, exit code 1, and the last good checkpoint restores to finite parameters."""
