@@ -100,8 +100,9 @@ def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
     `reporter` is told about the resume and the settled steps (default: `StageReporter`, which logs).
 
     The config is checked first (before any tokenizer, dataset or directory work) and the workdir is
-    locked for the whole stage. SIGINT / SIGTERM stop the loop at a step boundary, save a checkpoint of
-    that step and raise `Interrupted`.
+    locked for the whole stage. SIGINT / SIGTERM (to any process of a multi-process job) end the stage with
+    `Interrupted` after saving what it has: a checkpoint of the step reached (see `train_loop`), or, during
+    the export, the finished model; while the stage prepares, one process stops at once.
     """
     check_run_config(cfg, (stage,))
     initialize_distributed(cfg)
