@@ -1,5 +1,5 @@
 """What a GPU user decides by, measured in one run of about 8 minutes on one lent H100/H200. Start it with
-`bash bench/gpu_check.sh` (docs/gpu.md), which installs bench/wheels/ and runs this file.
+`bash bench/gpu_check.sh` (docs/gpu.md), which installs the project and bench/wheels/, then runs this file.
 
     python bench/gpu_check.py [--out DIR/gpu_check.json] [--budget-s 450] [--smoke] [--stages LIST]
                               [--torch-python PYTHON]
@@ -54,8 +54,9 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)  # the other bench scripts, reused as modules
-sys.path.insert(0, ROOT)
+# The other bench scripts, reused as modules. bart_jax itself comes installed (gpu_check.sh installs it; its
+# package bart_jax.configs lives in the tree's configs/, so the tree itself is not the package).
+sys.path.insert(0, HERE)
 
 NVIDIA_A100_XSUM_SEQ_PER_S = 17.7  # NVIDIA DeepLearningExamples BART, XSum inference, A100 (bench/generate.py)
 ROW = "GPU_CHECK_ROW "  # a child's result line (also bench/gpu_peer_torch.py's)
@@ -475,6 +476,7 @@ class ScalePrediction(threading.Thread):
     def run(self):
         import scale  # bench/scale.py
 
+        os.nice(10)  # this thread, and so the compile it starts, yields the CPUs to the measurements
         rows = scale.run_device_count(1, [self.case], self.timeout)
         self.result = rows[0] if rows else {"error": "no result (timed out or failed)"}
 
@@ -739,11 +741,12 @@ def main(argv=None) -> int:
     share = tempfile.TemporaryDirectory(prefix="gpu_check_")
 
     def train_children(specs, with_attention: bool):
-        """One child per run config; the first also times the attention paths when asked."""
+        """One child per run config; the first config's child also times the attention paths when asked, and
+        runs last, so a slow attention comparison cannot cost another model's train step."""
         report.setdefault("train", [])
         errors = []
-        for i, spec in enumerate(specs):
-            spec = {**spec, "attention": with_attention and i == 0}
+        specs = [{**spec, "attention": with_attention and i == 0} for i, spec in enumerate(specs)]
+        for spec in sorted(specs, key=lambda spec: spec["attention"]):
             rows, error = run_worker(spec, plan, left(), child_env)
             if spec["attention"]:
                 report["attention"] = next((r for r in rows if r["kind"] == "attention"), None) or {
@@ -756,16 +759,20 @@ def main(argv=None) -> int:
                 report["train"].append(row)
                 if "batch" not in row:
                     continue
-                case = ScalePrediction.case_of(row)
-                if json.dumps(case) not in predictions:
-                    predictions[json.dumps(case)] = ScalePrediction(case, timeout=max(60.0, left()))
-                    predictions[json.dumps(case)].start()
                 print(f"train {row['model']} ({row['preset']}, {row['optimizer']}, noise {row['noise']}): batch "
                       f"{row['batch']} x {row['source_length']}+{row['target_length']}, {row['step_s']:.3f} s/step "
                       f"(spread {100 * row['spread']:.1f}% over {row['repeats']}), {row['tokens_per_s']:.0f} "
                       f"tokens/s, MFU {100 * row['mfu']:.1f}% vs {row['peak_source']}; HBM peak "
                       f"{_gib(row['hbm_peak_bytes'])} GiB, XLA's buffers {_gib(row['compiled_peak_bytes'])} GiB",
                       flush=True)
+        order = [spec["name"] for spec in specs]
+        report["train"].sort(key=lambda row: order.index(row["model"]) if row["model"] in order else len(order))
+        # After the train children, so the CPU compiles do not slow theirs.
+        for row in report["train"]:
+            case = ScalePrediction.case_of(row) if "batch" in row else None
+            if case and json.dumps(case) not in predictions:
+                predictions[json.dumps(case)] = ScalePrediction(case, timeout=max(60.0, left()))
+                predictions[json.dumps(case)].start()
         if errors:
             raise RuntimeError("; ".join(errors))
 

@@ -18,7 +18,8 @@ BLOCKED = ("tensorflow_datasets", "grain", "array_record", "omegaconf", "rouge_s
 
 # Imported at interpreter start (it is on PYTHONPATH): a top-level module in $BLOCK_MODULES that would come
 # from this interpreter's own site-packages raises ModuleNotFoundError, as on a machine without it; the same
-# module from anywhere else (the wheels gpu_check.sh installs into its own directory) imports normally.
+# module from anywhere else (what gpu_check.sh installs into its own directory) imports normally. Blocking
+# bart_jax this way also hides the checkout's editable install (its finder comes after this one).
 SITECUSTOMIZE = textwrap.dedent('''
     import importlib.machinery, os, site, sys
 
@@ -54,10 +55,15 @@ def _env(tmp_path, blocked=BLOCKED, **extra):
 
 
 def test_smoke_runs_where_the_gpu_machines_missing_packages_cannot_be_imported(tmp_path):
-    env = _env(tmp_path, OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), GPU_CHECK_TIMEOUT_S="1700")
-    # The blocker works: this interpreter's omegaconf cannot be imported under it.
+    # bart_jax too: the GPU machine has none but the one the script installs from the working tree.
+    env = _env(tmp_path, blocked=BLOCKED + ("bart_jax",), OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path),
+               GPU_CHECK_TIMEOUT_S="1700")
+    # The blocker works: this interpreter's omegaconf cannot be imported under it, nor the checkout's bart_jax.
     probe = subprocess.run([sys.executable, "-c", "import omegaconf"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "blocked" in probe.stderr
+    probe = subprocess.run([sys.executable, "-c", "import bart_jax"], env=env, capture_output=True, text=True,
+                           cwd=str(tmp_path))
+    assert probe.returncode != 0 and "No module named 'bart_jax'" in probe.stderr
     # (the timeout is for CPU-bound compiles on a loaded 2-core machine)
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--smoke", "--budget-s", "100000"],
                           env=env, capture_output=True, text=True, timeout=1800)
@@ -68,8 +74,9 @@ def test_smoke_runs_where_the_gpu_machines_missing_packages_cannot_be_imported(t
     assert all(stages[s].startswith("ok") for s in ("train", "attention", "logits", "xsum")), stages
     # This interpreter has no torch: the PyTorch peer is skipped, says why, and is not a failure.
     assert stages["peer"].startswith("skipped") and "torch" in stages["peer"], stages["peer"]
-    # omegaconf came from the shipped wheel, installed outside this environment's site-packages.
+    # omegaconf came from the shipped wheel and bart_jax from the script's own install, not from this environment.
     assert report["modules"]["omegaconf"].startswith(str(tmp_path)), report["modules"]
+    assert report["modules"]["bart_jax"].startswith(str(tmp_path)), report["modules"]
 
     # The real pretraining recipe (LAMB from the run config, on-device noise, its loss) for both configs.
     assert [r["model"] for r in report["train"]] == ["base", "large"]
