@@ -11,6 +11,7 @@ counts them. Compute is float32 here: XLA:CPU widens bf16 collectives to f32 any
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import pytest
@@ -73,6 +74,20 @@ def test_fsdp_gathers_each_weight_per_pass_and_reduces_the_gradient_once():
     assert gathered <= SLACK * 2 * SHAPE.micro_batches * split, gathered / split
     in_layers = [c for c in colls if c["op"] == "all-gather" and c["count"] == SHAPE.micro_batches * LAYERS]
     assert len(in_layers) >= 2 * 2 * 6, len(in_layers)  # q, k, v, out, fc1, fc2: forward and backward
+
+
+def test_fsdp_gathers_layer_weights_in_the_compute_dtype(tmp_path):
+    # bf16 compute: the SPMD partitioner gathers each layer's weights after their cast to bf16. (XLA:CPU's
+    # float normalization then widens bf16 collectives to f32, so only the partitioned module, before the
+    # backend's passes, shows what XLA:GPU moves.)
+    model = preset("tiny", dropout=0.1, vocab_size=1024, max_position_embeddings=32, dtype="bfloat16",
+                   param_dtype="float32")
+    lowered, _, _ = aot.lower_train_step(model, partitioning.make_mesh(C.MeshConfig(1, 8, 1)), SHAPE)
+    lowered.compile(compiler_options={"xla_dump_to": str(tmp_path), "xla_dump_hlo_pass_re": "spmd-partitioning"})
+    (partitioned,) = tmp_path.glob("*train_step*after_spmd-partitioning*.txt")
+    gathers = re.findall(r'= (\w+)\[[^\]]*\]\S* all-gather\(.*op_name="([^"]*)"', partitioned.read_text())
+    layers = [dtype for dtype, name in gathers if "/layers/" in name]
+    assert len(layers) >= 2 * 2 * 6 and set(layers) == {"bf16"}, gathers
 
 
 def test_data_and_fsdp_reduce_within_the_fsdp_group_then_the_shard_across_it():
