@@ -82,3 +82,12 @@ def test_a_group_of_shards_resumes_where_it_stopped(pairs_and_tokenizer, monkeyp
     fewer, _ = _batches(pairs, tok, monkeypatch, 0, 1, 0, shards=2)
     with pytest.raises(ValueError, match="the saved data position has 4 shards for this process, this run reads 2"):
         fewer.set_state(state)
+
+
+def test_main_job_refuses_to_run_across_processes(tmp_path):
+    from bart_jax.errors import UserError
+    from bart_jax.pipeline import run_main_job
+
+    with pytest.raises(UserError, match=r"^the main job runs in one process \(distributed.enabled=true given\)"):
+        run_main_job(workdir=str(tmp_path / "job"), overrides=["distributed.enabled=true"])
+    assert not (tmp_path / "job").exists()  # refused before any work
