@@ -227,7 +227,8 @@ def test_a_killed_process_fails_the_others_within_the_heartbeat_timeout(tmp_path
     (code, _, err), (killed, _, _) = job.wait(timeout=120)
     assert killed == -signal.SIGKILL
     assert code != 0 and time.monotonic() - killed_at < 60
-    assert "another task died" in err, err[-3000:]
+    # JAX's own fatal message (its wording varies between versions), not a hang.
+    assert re.search(r"another task died|tasks are unhealthy|stopped sending heartbeats", err), err[-3000:]
 
 
 @pytest.mark.integration
