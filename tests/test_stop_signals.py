@@ -60,7 +60,7 @@ def _assert_stopped_at_last_step(e: Interrupted, workdir, signum):
     assert not os.path.exists(os.path.join(workdir, "pretrain", "model"))  # the stage did not go on to export
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_signal_during_last_step_stops_the_stage(tmp_path, tokenizer_dir):
     from bart_jax.train.loop import pretrain
 
@@ -71,7 +71,7 @@ def test_signal_during_last_step_stops_the_stage(tmp_path, tokenizer_dir):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_signal_during_final_evaluation_stops_the_stage(tmp_path, tokenizer_dir, monkeypatch):
     from bart_jax.train import loop
 
@@ -88,7 +88,7 @@ def test_signal_during_final_evaluation_stops_the_stage(tmp_path, tokenizer_dir,
     _assert_stopped_at_last_step(info.value, cfg.workdir, signal.SIGTERM)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_signal_during_export_stops_after_it(tmp_path, tokenizer_dir, monkeypatch):
     from bart_jax.train import loop
 
