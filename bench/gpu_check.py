@@ -342,8 +342,9 @@ def train_row(spec: dict, s: dict, batch: int, compile_s: float, mem, timing: di
             "attention_dropout": model.attention_dropout, "remat_policy": model.remat_policy,
             "attention_path": "explicit" if model.attention_dropout > 0
             else model.attention_implementation_for(device.platform),
-            "batch": batch, "tokens": s["tokens"], "source_length": s["source"], "target_length": s["tokens"],
-            "tried": tried, "compile_s": compile_s, **timing,
+            "batch": batch, "micro_batches": 1, "config_batch_size": t.batch_size,
+            "config_micro_batches": t.micro_batches, "tokens": s["tokens"], "source_length": s["source"],
+            "target_length": s["tokens"], "tried": tried, "compile_s": compile_s, **timing,
             "tokens_per_s": batch * (s["source"] + s["tokens"]) / timing["step_s"],
             "model_flops_per_step": step_flops, "model_flops_per_s": step_flops / timing["step_s"],
             "peak_flops": peak.flops_per_s, "peak_source": peak.source,
