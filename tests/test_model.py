@@ -369,3 +369,12 @@ def test_generate_lays_the_cache_out_for_the_platform_holding_the_parameters(cfg
     monkeypatch.setattr(generate_lib, "params_platform", lambda params: "gpu")
     generate_lib.generate(cfg, params, ids, am, max_length=4)
     assert seen == ["bnhs", "bsnh"]
+
+
+def test_generate_checks_the_source_length_with_the_model_rule(cfg_params):
+    from bart_jax.decode import generate
+
+    cfg, params = cfg_params
+    ids = jnp.ones((1, cfg.max_position_embeddings + 1), jnp.int32)
+    with pytest.raises(ValueError, match="input_ids has length 33, more than max_position_embeddings=32"):
+        generate(cfg, params, ids)

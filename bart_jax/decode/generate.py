@@ -21,6 +21,7 @@ import numpy as np
 from bart_jax.config import BartConfig
 from bart_jax.data.text import bucket_boundaries, padded_length
 from bart_jax.decode.search import SearchControls, search
+from bart_jax.layers.transformer import check_length
 
 logger = logging.getLogger(__name__)
 
@@ -201,9 +202,7 @@ def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
-    if input_ids.shape[1] > config.max_position_embeddings:
-        raise ValueError(f"input_ids length {input_ids.shape[1]} exceeds max_position_embeddings="
-                         f"{config.max_position_embeddings}; truncate the source")
+    check_length(config, input_ids.shape[1], "input_ids")
     resolved = resolve_controls(config, **controls)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     if resolved.num_beams == 1:
