@@ -3,8 +3,7 @@ examples the data loader reads recorded, so the test can check which process rea
 
     python multihost_cli.py OUT_JSON pretrain --config tiny ... distributed.process_id=1
 
-At exit OUT_JSON holds {"<split size>/<shard count>": [example ids read]} (shard count 1: a reader of the
-whole split, e.g. the logits-bias prior, which reads the same first rows in every process by design).
+At exit OUT_JSON holds {"<split size>/<shard count>": [example ids read]}.
 """
 
 import atexit

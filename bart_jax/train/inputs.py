@@ -156,17 +156,15 @@ def check_splits(cfg: RunConfig, stage: str, dataset) -> None:
 
 
 def stage_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, split: str, *, shuffle: bool,
-                  num_epochs=None, decoder_start_id: int | None = None, whole_split: bool = False):
-    """The stage's batches of `split` for this process: its `data_shards` (stacked by `ShardGroup` when it
-    reads more than one), or with `whole_split` the same batches in every process (read from the whole split,
-    as a one-process run would). Fine-tuning batches start the decoder with `decoder_start_id` (default
-    </s>); their lengths are bucketed per shard, so processes' batches may differ in shape (the loop pads
-    them to a common one)."""
+                  num_epochs=None, decoder_start_id: int | None = None):
+    """The stage's batches of `split` for this process: its `data_shards`, stacked by `ShardGroup` when it
+    reads more than one. Fine-tuning batches start the decoder with `decoder_start_id` (default </s>); their
+    lengths are bucketed per shard, so processes' batches may differ in shape (the loop pads them to one)."""
     from bart_jax.data.loader import ShardGroup, finetune_batches, pretrain_batches
 
     t = cfg.stage(stage).train
-    shards = range(1) if whole_split else data_shards(cfg, jax.process_index(), jax.process_count())
-    num_shards = 1 if whole_split else data_shard_count(cfg)
+    shards = data_shards(cfg, jax.process_index(), jax.process_count())
+    num_shards = data_shard_count(cfg)
     if local_batch % len(shards):
         raise UserError(f"{stage}.train.batch_size={local_batch * jax.process_count()} does not split into "
                         f"{num_shards} data shards (data.shards) of equal rows")

@@ -27,11 +27,24 @@ def target_log_prior(batches: Iterable[Mapping[str, np.ndarray]], vocab_size: in
     A batch's targets are its 'labels' (fine-tuning; negative or pad entries are ignored) or, for
     pretraining, its clean 'tokens' rows (the denoiser reconstructs them).
     """
-    counts = np.ones(vocab_size, np.float64)
+    return smoothed_log_prior(target_counts(batches, vocab_size, pad_id, max_batches))
+
+
+def target_counts(batches: Iterable[Mapping[str, np.ndarray]], vocab_size: int, pad_id: int,
+                  max_batches: int) -> np.ndarray:
+    """How often each token is a target in the first `max_batches` batches: int64 [vocab_size] (see
+    `target_log_prior`; counts of several readers add up)."""
+    counts = np.zeros(vocab_size, np.int64)
     for batch in itertools.islice(batches, max_batches):
         targets = np.asarray(batch["labels"] if "labels" in batch else batch["tokens"])
         targets = targets[(targets != pad_id) & (targets >= 0) & (targets < vocab_size)]
         np.add.at(counts, targets, 1)
+    return counts
+
+
+def smoothed_log_prior(counts: np.ndarray) -> np.ndarray:
+    """Add-one smoothed log frequencies of token `counts`: float32 [vocab_size]."""
+    counts = counts.astype(np.float64) + 1.0
     return np.log(counts / counts.sum()).astype(np.float32)
 
 

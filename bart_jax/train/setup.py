@@ -11,20 +11,25 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from bart_jax.config import BartConfig
 from bart_jax.train import checkpoint as ckpt_lib
 from bart_jax.train import optim, partitioning, provenance, resume
 from bart_jax.train.config import RunConfig, TrainConfig
-from bart_jax.train.inputs import check_splits, noise_batch_fns, prepared_dataset, stage_batches
-from bart_jax.train.prior import target_log_prior, with_logits_bias
+from bart_jax.train.inputs import (check_splits, data_shard_count, data_shards, noise_batch_fns,
+                                   prepared_dataset, stage_batches)
+from bart_jax.train.prior import smoothed_log_prior, target_counts, with_logits_bias
 from bart_jax.train.progress import StageReporter
 from bart_jax.train.state import TrainState, boxed_abstract_params, init_train_state, state_shardings
 from bart_jax.train.step import (compile_eval_step, compile_train_step, identity_batch, make_eval_step,
                                  make_train_step)
 
 logger = logging.getLogger(__name__)
+
+# The target prior of a random init reads this many batches of this many rows (over all data shards).
+PRIOR_BATCHES, PRIOR_ROWS = 32, 64
 
 
 @dataclasses.dataclass
@@ -129,12 +134,20 @@ def setup_stage(cfg: RunConfig, stage: str, *, allow_config_change: bool = False
 
 def _with_target_prior(cfg: RunConfig, stage: str, tok, dataset, model_config: BartConfig, state: TrainState,
                        shardings: TrainState) -> TrainState:
-    """A random init's state with `final_logits_bias` at the log prior of the stage's training targets, read
-    from the same first batches of the whole split in every process (see bart_jax.train.prior)."""
-    batches = stage_batches(cfg, stage, tok, dataset, 64, cfg.data.train_split, shuffle=True, num_epochs=1,
-                            decoder_start_id=model_config.decoder_start_token_id, whole_split=True)
-    log_prior = target_log_prior(batches, model_config.vocab_size, tok.pad_id, max_batches=32)
-    return with_logits_bias(state, log_prior, shardings.params["final_logits_bias"])
+    """A random init's state with `final_logits_bias` at the log prior of the stage's training targets (see
+    bart_jax.train.prior): the first `PRIOR_BATCHES` batches of every data shard, `PRIOR_ROWS` rows each in
+    all, each process counting its own shards and the counts summed over processes, so every process (and a
+    run on any number of processes with the same `data.shards`) starts from the same bias."""
+    shards = data_shards(cfg, jax.process_index(), jax.process_count())
+    rows = max(1, PRIOR_ROWS // data_shard_count(cfg))
+    batches = stage_batches(cfg, stage, tok, dataset, rows * len(shards), cfg.data.train_split, shuffle=True,
+                            num_epochs=1, decoder_start_id=model_config.decoder_start_token_id)
+    counts = target_counts(batches, model_config.vocab_size, tok.pad_id, max_batches=PRIOR_BATCHES)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        counts = np.asarray(multihost_utils.process_allgather(counts.astype(np.int32))).sum(axis=0)
+    return with_logits_bias(state, smoothed_log_prior(counts), shardings.params["final_logits_bias"])
 
 
 def _local_batch(stage: str, t: TrainConfig, mesh: Mesh) -> int:
