@@ -106,7 +106,7 @@ def measure_pretrained(cfg, model_config, params, tokenizer, num_batches: int):
     """`params` (of `model_config`) as a denoiser on the first `num_batches` batches of the pretraining validation
     split, noised with the run's evaluation noise. Returns a `DenoiserReport`."""
     from bart_jax.train.denoiser import measure_denoiser
-    from bart_jax.train.loop import noise_batch_fns, prepared_dataset, stage_batches
+    from bart_jax.train.inputs import noise_batch_fns, prepared_dataset, stage_batches
 
     batches = stage_batches(cfg, "pretrain", tokenizer, prepared_dataset(cfg, "pretrain"),
                             cfg.pretrain.train.batch_size, cfg.data.eval_split, shuffle=False)
@@ -117,7 +117,7 @@ def measure_pretrained(cfg, model_config, params, tokenizer, num_batches: int):
 def split_pairs(cfg, split: str, limit: int | None = None) -> list[dict]:
     """{'document', 'summary'} pairs of a split of the run's fine-tuning data."""
     from bart_jax.decode.files import read_pairs
-    from bart_jax.train.loop import prepared_dataset
+    from bart_jax.train.inputs import prepared_dataset
 
     dataset = prepared_dataset(cfg, "finetune")
     pairs = read_pairs(str(dataset.path), split, limit)
@@ -214,7 +214,8 @@ def _run_main_job(cfg, config_name: str, quick: bool, batch_size: int, allow_con
     from tqdm import tqdm
 
     from bart_jax.train.config import apply_overrides
-    from bart_jax.train.loop import finetune, load_or_train_tokenizer, pretrain
+    from bart_jax.train.inputs import load_or_train_tokenizer
+    from bart_jax.train.loop import run_stage
 
     started = time.perf_counter()
     progress.started(config_name, os.path.abspath(cfg.workdir))
@@ -223,14 +224,16 @@ def _run_main_job(cfg, config_name: str, quick: bool, batch_size: int, allow_con
     tok, tokenizer_dir = load_or_train_tokenizer(cfg)
     progress.tokenizer_ready(tok.vocab_size, tokenizer_dir)
     progress.stage(2, "denoising pretraining")
-    pre = pretrain(cfg, allow_config_change=allow_config_change, reporter=progress)
+    # (run_main_job checked every stage's config before any work: `checked`)
+    stage = dict(allow_config_change=allow_config_change, reporter=progress, checked=True)
+    pre = run_stage(cfg, "pretrain", **stage)
     denoiser = evaluate_denoiser(cfg, pre.model_dir, num_batches=2 if quick else 8)
     progress.denoiser_measured(denoiser)
     progress.stage(3, "fine-tuning from the pretrained model")
-    fine = finetune(cfg, allow_config_change=allow_config_change, reporter=progress)
+    fine = run_stage(cfg, "finetune", **stage)
     progress.stage(4, "fine-tuning from random initialisation (same budget, for comparison)")
     scratch_cfg = apply_overrides(cfg, ["finetune.init_from=null", f"finetune.run_name={SCRATCH_RUN}"])
-    scratch = finetune(scratch_cfg, allow_config_change=allow_config_change, reporter=progress)
+    scratch = run_stage(scratch_cfg, "finetune", **stage)
 
     progress.stage(5, "beam search on the test split and ROUGE")
     pairs = split_pairs(cfg, "test", QUICK_TEST_PAIRS if quick else None)

@@ -65,7 +65,8 @@ def run_budget(steps: int, every: int, eval_batches: int, workdir: str, override
     from bart_jax.pipeline import DEFAULT_CONFIG, measure_pretrained
     from bart_jax.train.checkpoint import restore_params
     from bart_jax.train.config import load_config
-    from bart_jax.train.loop import load_or_train_tokenizer, pretrain
+    from bart_jax.train.inputs import load_or_train_tokenizer
+    from bart_jax.train.loop import pretrain
 
     cfg = load_config(DEFAULT_CONFIG, [f"workdir={workdir}", f"pretrain.train.steps={steps}",
                                        f"pretrain.train.eval_every={steps}", f"pretrain.train.checkpoint_every={every}",

@@ -82,7 +82,8 @@ def run_variant(name: str, overrides: tuple[str, ...], workdir: str, seed: int =
     """Train and score one variant with one seed on the validation split; returns its row."""
     from bart_jax.pipeline import DEFAULT_CONFIG, evaluate_denoiser
     from bart_jax.train.config import load_config
-    from bart_jax.train.loop import load_or_train_tokenizer, pretrain
+    from bart_jax.train.inputs import load_or_train_tokenizer
+    from bart_jax.train.loop import pretrain
 
     cfg = load_config(DEFAULT_CONFIG, [*overrides, *seed_overrides(seed),
                                        f"workdir={os.path.join(workdir, name, str(seed))}",

@@ -174,7 +174,8 @@ def _param_targets(model):
 @pytest.mark.integration
 def test_finetune_from_pretraining_run(uninterrupted, tokenizer_dir):
     """Fine-tuning starts from the pretraining run's parameters (not its LAMB state) and trains on pairs."""
-    from bart_jax.train.loop import finetune, model_config_and_init
+    from bart_jax.train.loop import finetune
+    from bart_jax.train.resume import model_config_and_init
 
     cfg, ref = uninterrupted
     cfg = C.apply_overrides(cfg, ["finetune.init_from=run:pretrain", "finetune.train.steps=2",
@@ -202,7 +203,7 @@ def test_finetune_from_pretraining_run(uninterrupted, tokenizer_dir):
 
 def test_finetune_init_from_hugging_face_dir(tmp_path):
     from bart_jax import from_pretrained
-    from bart_jax.train.loop import model_config_and_init
+    from bart_jax.train.resume import model_config_and_init
 
     hf_dir = os.path.join(ROOT, "tests", "fixtures", "bart_default")
     cfg = C.load_config(None, [f"workdir={tmp_path}", f"finetune.init_from={hf_dir}", "model.dropout=0.0",

@@ -313,6 +313,23 @@ def test_platform_the_machine_lacks_is_one_line(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_a_command_checks_its_config_once(tmp_path, monkeypatch, capsys):
+    from bart_jax.cli import train as cli_train
+    from bart_jax.train import loop, preflight
+
+    calls, check = [], preflight.check_run_config
+
+    def counting(cfg, stages=("pretrain", "finetune")):
+        calls.append(tuple(stages))
+        return check(cfg, stages)
+
+    for module in (loop, cli_train):  # every module that may hold the check
+        monkeypatch.setattr(module, "check_run_config", counting, raising=False)
+    # A config that passes the check and fails right after it (no such dataset directory).
+    assert main(["pretrain", f"workdir={tmp_path / 'run'}", f"data.pretrain_source={tmp_path / 'none'}"]) == 2
+    assert calls == [("pretrain",)]
+
+
 def test_version_and_debug_logging(capsys):
     assert main(["--version"]) == 0
     assert re.fullmatch(r"bart-jax \S+ \(jax \S+, flax \S+, optax \S+\)\n", capsys.readouterr().out)

@@ -369,7 +369,7 @@ def test_full_stop_split_reproduces_fairseqs_sentences():
     split does that through the training noise, the default also at '!' and '?'."""
     from bart_jax.data.tokenizer import load_tokenizer
     from bart_jax.train import config as C
-    from bart_jax.train.loop import noise_batch_fns
+    from bart_jax.train.inputs import noise_batch_fns
 
     tok = load_tokenizer(os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer_bpe"))
     full_stop = tok.encode(".", add_special_tokens=False)

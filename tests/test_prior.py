@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bart_jax.train import config as C
-from bart_jax.train import loop
+from bart_jax.train import inputs, loop
 from bart_jax.train.prior import target_log_prior
 from toy_batches import SMALL_MODEL_OVERRIDES
 
@@ -47,7 +47,7 @@ def test_pretraining_from_scratch_starts_the_output_bias_at_the_target_prior(tmp
     cfg = _config(tmp_path, "target_prior")
     _, params = from_pretrained(loop.pretrain(cfg).model_dir)
     bias = np.asarray(params["final_logits_bias"])
-    tok, _ = loop.load_or_train_tokenizer(cfg)
+    tok, _ = inputs.load_or_train_tokenizer(cfg)
     # Frozen: after training it is still exactly a log-distribution over the vocabulary.
     vocab = 512  # model.vocab_size; the bias beyond it (padding to a multiple) is not a logit
     assert abs(np.exp(bias[:vocab].astype(np.float64)).sum() - 1.0) < 1e-3

@@ -10,7 +10,7 @@ import pytest
 
 from bart_jax.cli import train as cli_train
 from bart_jax.train import config as C
-from bart_jax.train import loop
+from bart_jax.train import inputs, loop, resume
 
 VOCAB = 300  # the smallest SentencePiece vocabulary that trains in a blink on the corpus below
 
@@ -40,30 +40,30 @@ def _cfg(workdir, source, vocab=VOCAB, *extra):
 def test_workdir_tokenizer_records_what_it_was_trained_from(tmp_path, corpus_dataset):
     source = corpus_dataset("a")
     workdir = tmp_path / "run"
-    tok, directory = loop.load_or_train_tokenizer(_cfg(workdir, source))
-    with open(os.path.join(directory, loop.TOKENIZER_PROVENANCE_FILE)) as f:
+    tok, directory = inputs.load_or_train_tokenizer(_cfg(workdir, source))
+    with open(os.path.join(directory, inputs.TOKENIZER_PROVENANCE_FILE)) as f:
         stored = json.load(f)
     assert stored["pretrain_source"] == os.path.abspath(source) and stored["tokenizer_vocab_size"] == VOCAB
     model_bytes = open(os.path.join(directory, "tokenizer.model"), "rb").read()
     # Same settings: reused as is.
-    again, _ = loop.load_or_train_tokenizer(_cfg(workdir, source))
+    again, _ = inputs.load_or_train_tokenizer(_cfg(workdir, source))
     assert again.vocab_size == tok.vocab_size
 
     # Another vocabulary size: an error naming both values, and the tokenizer is left alone.
     with pytest.raises(ValueError, match=r"data\.tokenizer_vocab_size=300.*data\.tokenizer_vocab_size=320"):
-        loop.load_or_train_tokenizer(_cfg(workdir, source, 320))
+        inputs.load_or_train_tokenizer(_cfg(workdir, source, 320))
     # Another source: named both ways too.
     other = corpus_dataset("b", word="slow")
     with pytest.raises(ValueError, match=f"data.pretrain_source='{os.path.abspath(source)}'.*"
                                          f"data.pretrain_source='{os.path.abspath(other)}'"):
-        loop.load_or_train_tokenizer(_cfg(workdir, other))
+        inputs.load_or_train_tokenizer(_cfg(workdir, other))
     # The same dataset directory rebuilt from other text: another content fingerprint.
     corpus_dataset("a", word="slow")
     with pytest.raises(ValueError, match="content fingerprint"):
-        loop.load_or_train_tokenizer(_cfg(workdir, source))
+        inputs.load_or_train_tokenizer(_cfg(workdir, source))
     assert open(os.path.join(directory, "tokenizer.model"), "rb").read() == model_bytes
     # Asking for that tokenizer explicitly is always allowed.
-    explicit, where = loop.load_or_train_tokenizer(_cfg(workdir, other, 320, f"data.tokenizer={directory}"))
+    explicit, where = inputs.load_or_train_tokenizer(_cfg(workdir, other, 320, f"data.tokenizer={directory}"))
     assert where == directory and explicit.vocab_size == tok.vocab_size
 
 
@@ -117,16 +117,16 @@ def test_resume_with_changed_training_settings_is_refused_unless_allowed(small_r
 def test_resume_config_changes_lists_only_trajectory_settings():
     cfg = C.load_config("tiny")
     stored = json.loads(json.dumps(cfg.to_dict()))
-    assert loop.resume_config_changes(stored, cfg, "pretrain") == []
+    assert resume.resume_config_changes(stored, cfg, "pretrain") == []
     changed = C.apply_overrides(cfg, ["pretrain.schedule.warmup_steps=7", "pretrain.train.batch_size=24",
                                       "pretrain.train.eval_every=3", "mesh.fsdp=2", "noise.mask_ratio=0.5",
                                       "finetune.train.steps=9"])
-    assert loop.resume_config_changes(stored, changed, "pretrain") == [
+    assert resume.resume_config_changes(stored, changed, "pretrain") == [
         ("pretrain.schedule.warmup_steps", cfg.pretrain.schedule.warmup_steps, 7),
         ("pretrain.train.batch_size", cfg.pretrain.train.batch_size, 24), ("noise.mask_ratio", None, 0.5)]
-    assert [k for k, _, _ in loop.resume_config_changes(stored, changed, "finetune")] == ["finetune.train.steps"]
+    assert [k for k, _, _ in resume.resume_config_changes(stored, changed, "finetune")] == ["finetune.train.steps"]
     del stored["pretrain"]["train"]["steps"]  # written by an older version: not compared
-    assert "pretrain.train.steps" not in [k for k, _, _ in loop.resume_config_changes(
+    assert "pretrain.train.steps" not in [k for k, _, _ in resume.resume_config_changes(
         stored, C.apply_overrides(cfg, ["pretrain.train.steps=3"]), "pretrain")]
 
 

@@ -128,16 +128,19 @@ def test_signal_between_main_job_stages_stops_the_job(tmp_path, monkeypatch):
     the resume line; fine-tuning never starts. The stages themselves are stand-ins (this checks the control
     flow of the job, not training)."""
     from bart_jax import pipeline
-    from bart_jax.train import loop
+    from bart_jax.train import inputs, loop
 
     class Done:
         model_dir = str(tmp_path / "model")
 
     finetuned = []
+
+    def stage(cfg, name, **kw):
+        return Done() if name == "pretrain" else finetuned.append(cfg)
+
     monkeypatch.setattr(pipeline, "check_job_data", lambda cfg: None)
-    monkeypatch.setattr(loop, "load_or_train_tokenizer", lambda cfg: (type("T", (), {"vocab_size": 1})(), "tok"))
-    monkeypatch.setattr(loop, "pretrain", lambda cfg, **kw: Done())
-    monkeypatch.setattr(loop, "finetune", lambda cfg, **kw: finetuned.append(cfg))
+    monkeypatch.setattr(inputs, "load_or_train_tokenizer", lambda cfg: (type("T", (), {"vocab_size": 1})(), "tok"))
+    monkeypatch.setattr(loop, "run_stage", stage)
     monkeypatch.setattr(pipeline, "evaluate_denoiser", lambda *a, **kw: _kill_self(signal.SIGINT))
     recorder = _Recorder()
     with pytest.raises(Interrupted) as info:

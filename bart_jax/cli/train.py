@@ -9,7 +9,6 @@ import sys
 import jax
 
 from bart_jax.train.config import load_config
-from bart_jax.train.preflight import check_run_config
 from bart_jax.train.loop import run_stage
 from bart_jax.train.progress import StageReporter, TrainingDiverged, resumed_line, step_line
 from bart_jax.train.resume import ALLOW_CONFIG_CHANGE_HELP
@@ -45,8 +44,7 @@ def _cli(stage: str, argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     # User errors (config, data, paths) reach the `bart-jax` dispatcher: one line, exit code 2.
-    cfg = load_config(args.config, args.overrides, args.variant)
-    check_run_config(cfg, (stage,))
+    cfg = load_config(args.config, args.overrides, args.variant)  # (run_stage checks it before any work)
     try:
         result = run_stage(cfg, stage, allow_config_change=args.allow_config_change,
                            reporter=PrintedStageReporter())

@@ -31,16 +31,12 @@ from bart_jax.train import flops as flops_lib
 from bart_jax.train import partitioning, resume
 from bart_jax.train.config import RunConfig
 from bart_jax.train.preflight import check_run_config
-from bart_jax.train.inputs import (TOKENIZER_PROVENANCE_FILE, as_text, load_or_train_tokenizer,  # noqa: F401
-                                   noise_batch_fns, prepared_dataset, stage_batches)
+from bart_jax.train.inputs import as_text, stage_batches
 from bart_jax.train.progress import Progress, StageReporter, global_shape
-from bart_jax.train.resume import model_config_and_init, resume_config_changes  # noqa: F401
 from bart_jax.train.setup import StageSetup, setup_stage
 from bart_jax.train.step import summarize_eval
 
-__all__ = ["TrainResult", "Interrupted", "StageReporter", "pretrain", "finetune", "run_stage",
-           "train_loop", "finalise", "load_or_train_tokenizer", "prepared_dataset", "stage_batches", "noise_batch_fns",
-           "model_config_and_init", "resume_config_changes", "TOKENIZER_PROVENANCE_FILE"]
+__all__ = ["TrainResult", "Interrupted", "StageReporter", "pretrain", "finetune", "run_stage", "train_loop", "finalise"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,17 +90,20 @@ def finetune(cfg: RunConfig, *, stop_at_step: int | None = None, allow_config_ch
 
 
 def run_stage(cfg: RunConfig, stage: str, *, stop_at_step: int | None = None,
-              allow_config_change: bool = False, reporter: StageReporter | None = None) -> TrainResult:
+              allow_config_change: bool = False, reporter: StageReporter | None = None,
+              checked: bool = False) -> TrainResult:
     """Train `stage` ('pretrain' | 'finetune') as configured, resuming from the run's latest checkpoint
     (refused when training settings changed, unless `allow_config_change`; see `check_resume_config`).
     `reporter` is told about the resume and the settled steps (default: `StageReporter`, which logs).
 
-    The config is checked first (before any tokenizer, dataset or directory work) and the workdir is
+    The config is checked first (before any tokenizer, dataset or directory work; `checked`: the caller
+    already ran `check_run_config` for this stage, as the main job does for all its stages) and the workdir is
     locked for the whole stage. SIGINT / SIGTERM (to any process of a multi-process job) end the stage with
     `Interrupted` after saving what it has: a checkpoint of the step reached (see `train_loop`), or, during
     the export, the finished model; while the stage prepares, one process stops at once.
     """
-    check_run_config(cfg, (stage,))
+    if not checked:
+        check_run_config(cfg, (stage,))
     initialize_distributed(cfg)
     resume.check_init_from_exists(cfg, stage)
     from bart_jax.runlock import run_directory_lock
