@@ -216,7 +216,7 @@ def generate(config: BartConfig, params, input_ids, attention_mask=None, *, rng=
 
 # ----------------------------------------------------------------------------- presets and bucketing
 def load_generation_preset(name_or_path: str) -> dict[str, Any]:
-    """Controls from a bundled preset in bart_jax/configs/generation (e.g. 'cnn_dm', 'xsum', 'default') or a
+    """Controls from a bundled preset in configs/generation (e.g. 'cnn_dm', 'xsum', 'default') or a
     YAML path."""
     from bart_jax import configs
 

@@ -1,6 +1,6 @@
 """Run configuration: frozen dataclasses, loaded with OmegaConf from YAML plus dotted `key=value` overrides.
 
-A run config file (bundled: bart_jax/configs/{tiny,base,large}.yaml; or any YAML path) has these top-level
+A run config file (bundled: configs/{tiny,base,large}.yaml; or any YAML path) has these top-level
 sections::
 
     workdir: runs/tiny            # checkpoints, TensorBoard events and the tokenizer live under here
@@ -98,6 +98,9 @@ class DataConfig:
     eval_split: str = "validation"
     shuffle_seed: int = 0
     num_workers: int = 0
+    # Each split is read as this many disjoint shards, each process reading shards/processes of them
+    # (null: one per process). The same value gives the same global batches on any number of processes.
+    shards: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +130,8 @@ class DistributedConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    initialization_timeout_s: int = 300  # how long to wait for the coordinator and every process to join
+    heartbeat_timeout_s: int = 100  # a process silent this long is dead: the others fail instead of hanging
 
 
 @dataclasses.dataclass(frozen=True)
