@@ -75,7 +75,11 @@ class Bart(nn.Module):
 
     def _embed(self, ids):
         scale = self.config.d_model ** 0.5 if self.config.scale_embedding else 1.0
-        return self.shared(ids) * jnp.asarray(scale, self.config.compute_dtype)
+        # The lookup reads a table split over 'vocab' only: with its 'embed' dimension split over fsdp too,
+        # the partitioner cannot move the looked-up rows onto the batch shards without a full
+        # rematerialization (XLA warns so with both fsdp and tensor axes).
+        table = nn.with_logical_constraint(self.shared.embedding.astype(self.config.compute_dtype), ("vocab", None))
+        return jnp.take(table, ids, axis=0) * jnp.asarray(scale, self.config.compute_dtype)
 
     def _logits(self, hidden):
         """hidden [..., d] -> float32 logits [..., vocab_size] (tied projection + final_logits_bias)."""

@@ -183,7 +183,7 @@ def run_device_count(n: int, cases: list[dict], timeout: float, on_row=None) -> 
     """Compile `cases` in a subprocess with `n` simulated devices; rows as they arrive (on_row(row) each)."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
+           "TF_CPP_MIN_LOG_LEVEL": "1"}  # warnings on: each row lists its remat warnings
     rows = []
     with subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cases)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
