@@ -264,7 +264,7 @@ def _prepare_unlocked(builder_cls, config, data_dir, fingerprint: str, overwrite
         with open(meta_path) as f:
             if json.load(f).get("fingerprint") != fingerprint:
                 raise ValueError(f"{path} holds a dataset built from other inputs or options; pass "
-                                 f"overwrite=True (--overwrite) or use another name")
+                                 f"--overwrite or use another --name")
     builder.info.metadata["fingerprint"] = fingerprint
     mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     if overwrite:

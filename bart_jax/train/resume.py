@@ -147,7 +147,7 @@ def check_resume_config(stored_run: dict | None, cfg: RunConfig, stage: str, whe
         logger.warning("resuming from %s with changed training settings (allowed): %s", where, listed)
         return
     raise ValueError(f"resuming from {where}: this run's training settings differ from the checkpoint's "
-                     f"(checkpoint -> now) {listed}; pass --allow-config-change (allow_config_change=True) to "
+                     f"(checkpoint -> now) {listed}; pass --allow-config-change to "
                      "resume with the new settings, or train into another workdir / run_name")
 
 
