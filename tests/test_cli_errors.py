@@ -575,7 +575,7 @@ def _training_step(log) -> int:
     return int(steps[-1]) if steps else 0
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_sigint_checkpoints_at_step_boundary_and_resume_says_so(tmp_path, tiny_data):
     workdir, log = tmp_path / "run", tmp_path / "train.log"
     proc, out = _start_training(workdir, tiny_data, log)
@@ -606,7 +606,7 @@ def test_sigint_checkpoints_at_step_boundary_and_resume_says_so(tmp_path, tiny_d
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["final_step"] == step + 1
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_second_process_on_a_run_directory_fails_at_once_and_sigterm_saves(tmp_path, tiny_data):
     workdir, log = tmp_path / "run", tmp_path / "train.log"
     proc, out = _start_training(workdir, tiny_data, log)
@@ -632,7 +632,7 @@ def test_second_process_on_a_run_directory_fails_at_once_and_sigterm_saves(tmp_p
     assert (workdir / ".lock").read_text() == ""  # released on the way out
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_error_after_checkpointer_start_prints_nothing_after_it(tmp_path, tiny_data):
     """A user error raised once orbax's checkpoint manager exists: its threads are shut down first, so the
     one-line message is the last thing printed (no 'cannot schedule new futures' traceback)."""
@@ -659,6 +659,7 @@ def _cache_dir_after_dispatch(env: dict) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.integration  # runs the compiling commands end to end
 def test_compiling_commands_keep_a_persistent_compilation_cache(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     # by default under the user's cache directory, so reruns and the main job's second fine-tune skip compiling
