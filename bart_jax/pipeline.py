@@ -239,7 +239,8 @@ def _run_main_job(cfg, config_name: str, quick: bool, batch_size: int, allow_con
     pairs = split_pairs(cfg, "test", QUICK_TEST_PAIRS if quick else None)
     documents = [p["document"] for p in pairs]
     controls = summary_controls(cfg)
-    with tqdm(total=2 * len(documents), desc="beam search", unit="doc", dynamic_ncols=True) as bar:
+    # (disable=None: no bar, hence no carriage-return frames, when stderr is not a terminal)
+    with tqdm(total=2 * len(documents), desc="beam search", unit="doc", dynamic_ncols=True, disable=None) as bar:
         systems = {
             "pretrained+finetuned": summarize_documents(fine.model_dir, documents, controls, batch_size, bar),
             "random-init finetuned": summarize_documents(scratch.model_dir, documents, controls, batch_size, bar),

@@ -37,9 +37,11 @@ def test_quick_main_job(tmp_path):
     examples = printed[printed.index("The first 3 test examples"):]
     assert examples.count("document:") == 3 and examples.count("reference:") == 3
     assert examples.count("lead:") == 3 and examples.count("pretrained+finetuned:") == 3
-    # TFDS's own banners (with temporary directory names) stay out of the printout
+    # TFDS's own banners (with temporary directory names) stay out of the printout, and output to a pipe is
+    # plain lines (no progress-bar frames)
     for stream in (proc.stdout, proc.stderr):
         assert "Downloading and preparing" not in stream and "incomplete." not in stream
+        assert "\r" not in stream
     # every training stage ran and its loss fell
     for stage, losses in result.losses.items():
         assert len(losses) >= 20, stage

@@ -126,7 +126,7 @@ def cli_generate(argv: Sequence[str]) -> int:
     with contextlib.ExitStack() as stack:
         out = sys.stdout if args.output == "-" else stack.enter_context(open(args.output, "w", encoding="utf-8"))
         results = _texts(read_documents(args.input, args.text_field), config, params, tokenizer, controls, args)
-        for texts, scores in tqdm(results, total=total, unit="doc", file=sys.stderr, desc="generate"):
+        for texts, scores in tqdm(results, total=total, unit="doc", file=sys.stderr, desc="generate", disable=None):
             if jsonl:
                 out.write(json.dumps({"index": count, "summaries": texts, "scores": scores}) + "\n")
             else:
@@ -165,7 +165,8 @@ def cli_evaluate(argv: Sequence[str]) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.perf_counter()
     results = _texts((p["document"] for p in pairs), config, params, tokenizer, controls, args)
-    best = (texts[0] for texts, _ in tqdm(results, total=len(pairs), unit="doc", file=sys.stderr, desc="evaluate"))
+    best = (texts[0] for texts, _ in tqdm(results, total=len(pairs), unit="doc", file=sys.stderr, desc="evaluate",
+                                                disable=None))
     predictions = write_predictions(os.path.join(args.output_dir, f"predictions.{args.split}.jsonl"), pairs, best)
     seconds = time.perf_counter() - start
     metrics = rouge_scores(predictions, [p["summary"] for p in pairs])
