@@ -263,6 +263,8 @@ def validate(cfg: RunConfig) -> None:
             bad(f"mesh.{name}", v, "must be a positive size or -1 (fill)")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         bad("mesh", dataclasses.asdict(cfg.mesh), "at most one axis may be -1")
+    # (batch vs micro-batches and batch shards: partitioning.check_batch_divisible; lengths vs positions:
+    # preflight.check_lengths_fit — they need the devices or the model, so preflight checks them before any work)
     for stage in ("pretrain", "finetune"):
         o, t = cfg.stage(stage).optimizer, cfg.stage(stage).train
         if o.learning_rate <= 0:
@@ -272,9 +274,6 @@ def validate(cfg: RunConfig) -> None:
                 bad(f"{stage}.optimizer.{f}", getattr(o, f), "must be in [0, 1)")
         if o.weight_decay < 0 or o.clip_norm < 0 or o.eps <= 0:
             bad(f"{stage}.optimizer", dataclasses.asdict(o), "weight_decay, clip_norm >= 0 and eps > 0 required")
-        if t.batch_size % t.micro_batches:
-            bad(f"{stage}.train.batch_size", t.batch_size,
-                f"must be divisible by train.micro_batches={t.micro_batches}")
         if not 0.0 <= t.label_smoothing < 1.0:
             bad(f"{stage}.train.label_smoothing", t.label_smoothing, "must be in [0, 1)")
 

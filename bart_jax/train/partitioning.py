@@ -164,8 +164,11 @@ def sum_partials(partial, sharding: NamedSharding):
     return jax.lax.with_sharding_constraint(per_data.sum(axis=0), sharding)
 
 
-def check_batch_divisible(batch_size: int, micro_batches: int, mesh: Mesh, what: str = "train.batch_size"):
-    shards = batch_shards(mesh)
+def check_batch_divisible(batch_size: int, micro_batches: int, mesh_or_shards: Mesh | int,
+                          what: str = "train.batch_size"):
+    """The one rule for a batch's size: it splits into micro-batches of equal rows on every batch shard (data x
+    fsdp of a Mesh, or that count). ValueError naming `what` otherwise."""
+    shards = mesh_or_shards if isinstance(mesh_or_shards, int) else batch_shards(mesh_or_shards)
     if batch_size % (micro_batches * shards):
         raise ValueError(
             f"{what}={batch_size} must be divisible by micro_batches ({micro_batches}) x the batch shards of "

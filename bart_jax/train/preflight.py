@@ -30,12 +30,7 @@ def check_run_config(cfg: RunConfig, stages: Sequence[str] = ("pretrain", "finet
         # A stage that starts from a foreign checkpoint takes its positions from there (checked on load).
         if s.init_from and not s.init_from.startswith("run:"):
             continue
-        fields = ("source_length",) if stage == "pretrain" else ("source_length", "target_length")
-        for f in fields:
-            if getattr(s.train, f) > model.max_position_embeddings:
-                raise UserError(f"{stage}.train.{f}={getattr(s.train, f)} exceeds the model's "
-                                f"max_position_embeddings={model.max_position_embeddings} (model.preset "
-                                f"{cfg.model.preset!r}); lower it or set model.max_position_embeddings")
+        check_lengths_fit(stage, s.train, model, f" (model.preset {cfg.model.preset!r})")
     if not cfg.distributed.enabled:  # jax.device_count() before jax.distributed.initialize would break it
         import jax
 
@@ -47,14 +42,27 @@ def check_run_config(cfg: RunConfig, stages: Sequence[str] = ("pretrain", "finet
             shape = partitioning.mesh_shape(cfg.mesh, jax.device_count())
         except ValueError as e:
             raise UserError(f"{e} (mesh.data/fsdp/tensor)") from None
-        shards = shape[0] * shape[1]
         for stage in stages:
             t = cfg.stage(stage).train
-            if t.batch_size % (t.micro_batches * shards):
-                raise UserError(f"{stage}.train.batch_size={t.batch_size} must be divisible by micro_batches "
-                                f"({t.micro_batches}) x the batch shards of the mesh (data x fsdp = {shards})")
+            try:
+                partitioning.check_batch_divisible(t.batch_size, t.micro_batches, shape[0] * shape[1],
+                                                   f"{stage}.train.batch_size")
+            except ValueError as e:
+                raise UserError(str(e)) from None
             _check_memory(cfg, stage, model, shape)
     check_writable_dir(cfg.workdir, "workdir")
+
+
+def check_lengths_fit(stage: str, t, model, where: str = "") -> None:
+    """The one rule for lengths: the stage's sequences fit the model's positions (UserError). The model is the
+    config's before any work, and the checkpoint's once a stage starts from one (`setup`)."""
+    from bart_jax.errors import UserError
+
+    fields = ("source_length",) if stage == "pretrain" else ("source_length", "target_length")
+    for f in fields:
+        if getattr(t, f) > model.max_position_embeddings:
+            raise UserError(f"{stage}.train.{f}={getattr(t, f)} exceeds the model's max_position_embeddings="
+                            f"{model.max_position_embeddings}{where}; lower it or set model.max_position_embeddings")
 
 
 def _device_memory_bytes() -> int | None:

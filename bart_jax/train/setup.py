@@ -20,6 +20,7 @@ from bart_jax.train import optim, partitioning, provenance, resume
 from bart_jax.train.config import RunConfig, TrainConfig
 from bart_jax.train.inputs import (check_splits, data_shard_count, data_shards, noise_batch_fns,
                                    prepared_dataset, stage_batches)
+from bart_jax.train.preflight import check_lengths_fit
 from bart_jax.train.prior import smoothed_log_prior, target_counts, with_logits_bias
 from bart_jax.train.progress import StageReporter
 from bart_jax.train.state import TrainState, boxed_abstract_params, init_train_state, state_shardings
@@ -164,7 +165,4 @@ def _check_model_fits(stage: str, t: TrainConfig, model_config: BartConfig, tok)
     if tok.vocab_size > model_config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size is "
                          f"{model_config.vocab_size}; set model.vocab_size={tok.vocab_size}")
-    for field in ("source_length", "target_length"):
-        if getattr(t, field) > model_config.max_position_embeddings:
-            raise ValueError(f"{stage}.train.{field}={getattr(t, field)} exceeds the model's "
-                             f"max_position_embeddings={model_config.max_position_embeddings}")
+    check_lengths_fit(stage, t, model_config)
