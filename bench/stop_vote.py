@@ -27,7 +27,8 @@ def worker(process_id: int, port: int, steps: int, out: str) -> None:
     import numpy as np
 
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-    from bart_jax.train.loop import StopRequest, StopVote, same_shape_everywhere
+    from bart_jax.train.distributed import StopRequest, StopVote
+    from bart_jax.train.loop import same_shape_everywhere
 
     vote = StopVote(StopRequest())
     batch = {"input_ids": np.ones((4, 32 + 32 * process_id), np.int32),
