@@ -148,6 +148,47 @@ def guarded_update(state: TrainState, grads, loss, total_tokens, optimizer: opta
                        "nonfinite_streak": streak, "nonfinite_total": total_bad}
 
 
+def _per_shard_gradients(model, params, denom, deterministic: bool, loss_sums_fn, constrain_partial):
+    """(micro_grads, shards): micro_grads(batch, key) -> (grads [shards, *param shape] float32, loss, nll,
+    correct) for the mesh set at trace time.
+
+    Each batch shard (data x fsdp) differentiates its own rows (a vmap over the shards, laid out on the batch
+    mesh axes) and keeps its partial gradient sum through all micro-batches; the one cross-device reduction per
+    step is `_sum_over_shards`. Under plain jit the partitioner would reduce every micro-batch's gradient, and
+    each use of the tied embedding's, separately. Shard s draws its dropout from fold_in(key, s).
+    """
+    shards = partitioning.batch_shards_in_context()
+    spmd_axes = None if jax.sharding.get_abstract_mesh().empty else partitioning.BATCH_AXES
+    shard_rules = partitioning.per_shard_rules(nn.get_logical_axis_rules())
+
+    def shard_grads(rows, key):
+        def loss_fn(p):
+            sm, nll, correct, _ = loss_sums_fn(_forward(model, p, rows, key, deterministic), rows["labels"])
+            return sm / denom, (nll, correct)
+
+        (loss, (nll, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        grads = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), grads)
+        return grads, loss, nll, correct
+
+    def micro_grads(mb, key):
+        keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(shards))
+        with nn.logical_axis_rules(shard_rules):
+            grads, loss, nll, correct = jax.vmap(shard_grads, spmd_axis_name=spmd_axes)(
+                _shard_rows(mb, shards), keys)
+        return constrain_partial(grads), jnp.sum(loss), jnp.sum(nll), jnp.sum(correct)
+
+    return micro_grads, shards
+
+
+def _sum_over_shards(partial, grad_shardings):
+    """The step's gradient: the batch shards' partial sums [shards, ...] added, reduced onto `grad_shardings`
+    (`partitioning.sum_partials`: within each fsdp group first, then the shard across data)."""
+    with jax.named_scope("sum_gradients"):
+        if grad_shardings is None:
+            return jax.tree.map(lambda g: jnp.sum(g, axis=0), partial)
+        return jax.tree.map(partitioning.sum_partials, partial, grad_shardings)
+
+
 def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, micro_batches: int = 1, label_smoothing: float = 0.1,
                     label_smoothing_form: str = "all_classes", batch_fn: BatchFn = identity_batch,
@@ -191,31 +232,10 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
         denom = jnp.maximum(total_tokens, 1).astype(jnp.float32)
         step_key = jax.random.fold_in(state.rng, state.step)
 
-        # Each batch shard differentiates its own rows (a vmap over the shards, laid out on the batch mesh
-        # axes) and keeps its partial gradient sum through all micro-batches; the one cross-device
-        # reduction per step is the final sum over shards. Under plain jit the partitioner would reduce
-        # every micro-batch's gradient, and each use of the tied embedding's, separately.
-        shards = partitioning.batch_shards_in_context()
-        spmd_axes = None if jax.sharding.get_abstract_mesh().empty else partitioning.BATCH_AXES
-        shard_rules = partitioning.per_shard_rules(nn.get_logical_axis_rules())
-
-        def shard_grads(rows, key):
-            def loss_fn(params):
-                logits = _forward(model, params, rows, key, deterministic)
-                sm, nll, correct, _ = loss_sums(logits, rows["labels"], pad_id, label_smoothing, label_smoothing_form)
-                return sm / denom, (nll, correct)
-
-            (loss, (nll, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            grads = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), grads)
-            return grads, loss, nll, correct
-
-        def micro_grads(mb, key):
-            """Per-shard partial sums: grads [shards, *param shape] and the scalar sums over shards."""
-            keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(shards))
-            with nn.logical_axis_rules(shard_rules):
-                grads, loss, nll, correct = jax.vmap(shard_grads, spmd_axis_name=spmd_axes)(
-                    _shard_rows(mb, shards), keys)
-            return constrain(grads, partial_shardings), jnp.sum(loss), jnp.sum(nll), jnp.sum(correct)
+        micro_grads, shards = _per_shard_gradients(
+            model, state.params, denom, deterministic, lambda logits, labels: loss_sums(
+                logits, labels, pad_id, label_smoothing, label_smoothing_form),
+            lambda g: constrain(g, partial_shardings))
 
         if micro_batches == 1:
             partial, loss, nll, correct = micro_grads(full, step_key)
@@ -224,11 +244,7 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
                                  state.params)
             partial, loss, nll, correct = accumulate(micro_grads, _split_micro(full, micro_batches), step_key,
                                                      zeros, lambda g: constrain(g, partial_shardings))
-        with jax.named_scope("sum_gradients"):
-            if grad_shardings is None:
-                grads = jax.tree.map(lambda g: jnp.sum(g, axis=0), partial)
-            else:
-                grads = jax.tree.map(partitioning.sum_partials, partial, grad_shardings)
+        grads = _sum_over_shards(partial, grad_shardings)
 
         new_state, update_metrics = guarded_update(state, grads, loss, total_tokens, optimizer)
         metrics = {"loss": loss, "nll": nll / denom, "accuracy": correct / denom, "tokens": total_tokens,
