@@ -60,7 +60,6 @@ def cli_data(argv: list[str]) -> int:
     if args.command == "builtin":
         kinds = ("documents", "pairs") if args.kind == "both" else (args.kind,)
         prepared = [prepare_builtin(args.data_dir, kind, overwrite=args.overwrite) for kind in kinds]
-        pairs_paths = {ds.path for kind, ds in zip(kinds, prepared) if kind == "pairs"}
     else:
         split_paths = {split: getattr(args, split) for split in SPLITS}
         holdout_every = args.holdout_every
@@ -72,16 +71,14 @@ def cli_data(argv: list[str]) -> int:
             prepared = [prepare_text_corpus(split_paths, args.data_dir, name=args.name,
                                             text_field=args.text_field, blank_line_docs=args.blank_line_docs,
                                             holdout_every=holdout_every, overwrite=args.overwrite)]
-            pairs_paths = set()
         else:
             prepared = [prepare_pairs(split_paths, args.data_dir, name=args.name,
                                       document_field=args.document_field, summary_field=args.summary_field,
                                       holdout_every=holdout_every, overwrite=args.overwrite)]
-            pairs_paths = {prepared[0].path}
     for ds in prepared:
         print(json.dumps({"path": ds.path, "sizes": {s: len(ds[s]) for s in ds}, "stats": ds.stats}))
     for ds in prepared:  # ready to paste as a run override
-        key = "data.finetune_source" if ds.path in pairs_paths else "data.pretrain_source"
+        key = "data.finetune_source" if ds.kind == "pairs" else "data.pretrain_source"
         print(f"{key}={shlex.quote(os.path.abspath(ds.path))}")
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0
