@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bart_jax.cli import main as bart_jax_main
-from bart_jax.data import builtin, datasets, loader
+from bart_jax.data import builtin, datasets, loader, multihost
 from bart_jax.data.tokenizer import train_tokenizer
 
 BOS, PAD, EOS = 0, 1, 2
@@ -455,7 +455,7 @@ def test_to_global_batch_shards_over_devices():
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
     local = {"tokens": np.arange(8 * 6, dtype=np.int32).reshape(8, 6),
              "example_id": np.arange(8, dtype=np.int32)}
-    out = loader.to_global_batch(local, sharding)
+    out = multihost.to_global_batch(local, sharding)
     assert isinstance(out["tokens"], jax.Array) and out["tokens"].shape == (8, 6)
     assert out["tokens"].sharding.is_equivalent_to(sharding, 2)
     assert len(out["tokens"].addressable_shards) == 8

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from bart_jax.data.loader import ShardGroup, pad_batch, process_shards
+from bart_jax.data.multihost import ShardGroup, pad_batch, process_shards
 from bart_jax.train import config as C
 from bart_jax.train.inputs import stage_batches
 

@@ -31,7 +31,7 @@ _LAZY = {
     "iter_pairs": "bart_jax.data.readers",
     "pretrain_batches": "bart_jax.data.loader",
     "finetune_batches": "bart_jax.data.loader",
-    "to_global_batch": "bart_jax.data.loader",
+    "to_global_batch": "bart_jax.data.multihost",
     "pack_document": "bart_jax.data.loader",
     "bucket_boundaries": "bart_jax.data.text",
     "split_sentences": "bart_jax.data.text",

@@ -4,7 +4,6 @@
     batch = next(it)                 # {'tokens': int32 [8, 512]}: rows `<s> text </s> pad...`
     state = it.get_state()           # JSON-serializable; store it in the checkpoint
     it.set_state(state)              # resume at exactly the next batch
-    global_batch = to_global_batch(batch, sharding)   # dict of jax.Array, ready for a jitted step
 
 Pipeline (both loaders): the process's shard of example indices -> epoch-reshuffled (grain's index
 shuffle, a new permutation per epoch) -> per-example map (read + tokenize; runs in grain's read threads
@@ -15,17 +14,15 @@ grain's iterator state: the flat map stores the parent position of its current e
 its outputs were consumed, and recomputes that element on restore.
 
 Sharding: shard p of P reads examples p, p+P, p+2P, ... (by default one shard per process; a process may read
-several shards, stacked by `ShardGroup`, so the global batches do not depend on the number of processes).
-Shards are padded to equal size with empty
-placeholders (ceil(N/P) each), so with finite epochs every process yields the same number of fine-tuning
-batches and collectives never wait on a process that ran out; placeholders yield no pretraining rows and
-all-pad fine-tuning targets (no loss).
+several shards, stacked by `bart_jax.data.multihost.ShardGroup`, so the global batches do not depend on the
+number of processes). Shards are padded to equal size with empty placeholders (ceil(N/P) each), so with finite
+epochs every process yields the same number of fine-tuning batches and collectives never wait on a process that
+ran out; placeholders yield no pretraining rows and all-pad fine-tuning targets (no loss).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import zlib
 from typing import Any, Mapping, Sequence
 
@@ -86,6 +83,19 @@ class _ShardReader:
         if example_id >= len(self.source):
             return _PLACEHOLDER, None
         return example_id, self.source[example_id]
+
+
+def _to_iter(ds: grain.MapDataset, read_threads: int, num_workers: int) -> grain.IterDataset:
+    """`ds` read by `read_threads` threads, and by `num_workers` worker processes when that is > 0."""
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, read_threads), prefetch_buffer_size=64))
+    if num_workers > 0:
+        from absl import flags
+
+        # grain's worker processes read absl flags, which only absl.app parses; outside it use the defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it
 
 
 # ------------------------------------------------------------------------------------------ pretraining
@@ -188,18 +198,6 @@ def pretrain_batches(source, tokenizer, *, seq_len: int = 512, batch_size: int, 
     it = grain.experimental.FlatMapIterDataset(it, _Rows())
     it = it.batch(batch_size, batch_fn=_StackRows(batch_size, tokenizer.pad_id))
     return iter(it)
-
-
-def _to_iter(ds: grain.MapDataset, read_threads: int, num_workers: int) -> grain.IterDataset:
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, read_threads), prefetch_buffer_size=64))
-    if num_workers > 0:
-        from absl import flags
-
-        # grain's worker processes read absl flags, which only absl.app parses; outside it use the defaults.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return it
 
 
 # ------------------------------------------------------------------------------------------ fine-tuning
@@ -336,95 +334,3 @@ def finetune_batches(source, tokenizer, *, max_source_len: int = 1024, max_targe
         batch_size, source_boundaries, target_boundaries, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id,
         tokenizer.eos_id if decoder_start_id is None else decoder_start_id, seed, shuffle, return_example_ids))
     return iter(it)
-
-
-# ------------------------------------------------------------------------------------------- multi-host
-
-# Fine-tuning batch keys with a length axis, and the value their padding takes ('pad': the pad id).
-_SOURCE_KEYS = {"input_ids": "pad", "attention_mask": 0}
-_TARGET_KEYS = {"decoder_input_ids": "pad", "decoder_attention_mask": 0, "labels": "pad"}
-
-
-def pad_batch(batch: Mapping[str, np.ndarray], source_length: int, target_length: int, pad_id: int) -> dict:
-    """A fine-tuning batch padded at the end of its length axes to [B, source_length] / [B, target_length]
-    (ids with `pad_id`, masks with 0: the padding is masked, so the loss is unchanged). Other keys as given."""
-    out = dict(batch)
-    for keys, length in ((_SOURCE_KEYS, source_length), (_TARGET_KEYS, target_length)):
-        for key, fill in keys.items():
-            if key in out and out[key].shape[1] < length:
-                value = np.asarray(out[key])
-                padded = np.full((value.shape[0], length), pad_id if fill == "pad" else fill, value.dtype)
-                padded[:, :value.shape[1]] = value
-                out[key] = padded
-    return out
-
-
-def stack_batches(batches: Sequence[Mapping[str, np.ndarray]], pad_id: int) -> dict:
-    """Batches stacked row-wise in order; fine-tuning batches are first padded to the longest (`pad_batch`)."""
-    if "input_ids" in batches[0]:
-        source = max(b["input_ids"].shape[1] for b in batches)
-        target = max(b["labels"].shape[1] for b in batches)
-        batches = [pad_batch(b, source, target, pad_id) for b in batches]
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-
-
-class ShardGroup:
-    """Several shards of the data read together by one process: each batch is the shards' batches stacked
-    row-wise in shard order (`stack_batches`). Reading the data as a fixed number of shards, however many
-    processes share them, gives the same global batches on any number of processes.
-
-    A grain-checkpointable iterator: `get_state()` is JSON bytes holding every shard's state.
-    """
-
-    def __init__(self, iterators: Sequence[grain.DatasetIterator], pad_id: int):
-        self.iterators, self.pad_id = list(iterators), pad_id
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        return stack_batches([next(it) for it in self.iterators], self.pad_id)
-
-    def get_state(self) -> bytes:
-        return json.dumps({"shards": [it.get_state() for it in self.iterators]}).encode()
-
-    def set_state(self, state: bytes) -> None:
-        shards = json.loads(state)["shards"]
-        if len(shards) != len(self.iterators):
-            raise ValueError(f"the saved data position has {len(shards)} shards for this process, this run reads "
-                             f"{len(self.iterators)} (data.shards or the number of processes changed)")
-        for it, shard_state in zip(self.iterators, shards):
-            it.set_state(shard_state)
-
-    def start_prefetch(self) -> None:
-        for it in self.iterators:
-            getattr(it, "start_prefetch", lambda: None)()
-
-
-def process_shards(num_shards: int, process_index: int, process_count: int) -> range:
-    """The shards of `num_shards` that process `process_index` of `process_count` reads: a contiguous block,
-    so the processes' rows of a global batch come in shard order."""
-    if num_shards % process_count:
-        raise ValueError(f"data.shards={num_shards} must be a multiple of the number of processes ({process_count})")
-    per = num_shards // process_count
-    return range(process_index * per, (process_index + 1) * per)
-
-
-
-def to_global_batch(local_batch: Mapping[str, np.ndarray], sharding) -> dict:
-    """This process's batch -> dict of global jax.Arrays (batch axis = all processes' rows, in process order).
-
-    sharding: a jax.sharding.NamedSharding for the batch (its spec's first entry shards the batch axis;
-      it is cut to each array's rank), or a dict key -> Sharding. Uses
-      jax.make_array_from_process_local_data, so each process passes only its own rows.
-    """
-    import jax
-
-    out = {}
-    for key, value in local_batch.items():
-        s = sharding[key] if isinstance(sharding, Mapping) else sharding
-        value = np.asarray(value)
-        if isinstance(s, jax.sharding.NamedSharding) and len(s.spec) > value.ndim:
-            s = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[:value.ndim]))
-        out[key] = jax.make_array_from_process_local_data(s, value)
-    return out

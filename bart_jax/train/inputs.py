@@ -160,7 +160,8 @@ def stage_batches(cfg: RunConfig, stage: str, tok, dataset, local_batch: int, sp
     """The stage's batches of `split` for this process: its `data_shards`, stacked by `ShardGroup` when it
     reads more than one. Fine-tuning batches start the decoder with `decoder_start_id` (default </s>); their
     lengths are bucketed per shard, so processes' batches may differ in shape (the loop pads them to one)."""
-    from bart_jax.data.loader import ShardGroup, finetune_batches, pretrain_batches
+    from bart_jax.data.loader import finetune_batches, pretrain_batches
+    from bart_jax.data.multihost import ShardGroup
 
     t = cfg.stage(stage).train
     shards = data_shards(cfg, jax.process_index(), jax.process_count())
@@ -194,7 +195,7 @@ def data_shard_count(cfg: RunConfig) -> int:
 
 def data_shards(cfg: RunConfig, process_index: int, process_count: int) -> range:
     """The shards process `process_index` of `process_count` reads (UserError when they do not divide)."""
-    from bart_jax.data.loader import process_shards
+    from bart_jax.data.multihost import process_shards
 
     try:
         return process_shards(data_shard_count(cfg), process_index, process_count)

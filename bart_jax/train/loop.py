@@ -228,7 +228,7 @@ def same_shape_everywhere(local: dict, pad_id: int) -> dict:
     """This process's batch (without 'example_id'), fine-tuning batches padded to the longest source and
     target of every process's batch: each shard buckets its own lengths, and a global batch needs one shape.
     The padding is masked, so the loss is unchanged. With several processes this waits for all of them."""
-    from bart_jax.data.loader import pad_batch
+    from bart_jax.data.multihost import pad_batch
 
     local = {k: v for k, v in local.items() if k != "example_id"}
     if "input_ids" not in local or jax.process_count() == 1:
