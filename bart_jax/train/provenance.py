@@ -15,6 +15,7 @@ import os
 from bart_jax.errors import UserError
 from bart_jax.train import checkpoint as ckpt_lib
 from bart_jax.train.config import RunConfig
+from bart_jax.train.resume import ResumePoint, resolve_init_from
 
 logger = logging.getLogger(__name__)
 
@@ -39,34 +40,35 @@ def _stored_tokenizer_path(stored: dict) -> str | None:
     return os.path.join(run["workdir"], "tokenizer") if run.get("workdir") else None
 
 
-def _carried_tokenizer(cfg: RunConfig, stage: str, resume_dir: str | None):
+def _carried_tokenizer(cfg: RunConfig, stage: str, resumed: ResumePoint | None):
     """(what, fingerprint or None, path or None) of the tokenizer the stage's starting model carries, or None
     when it starts from random weights or a model without tokenizer files (a fairseq model.pt)."""
     from bart_jax.data import load_tokenizer
-    from bart_jax.train.resume import resolve_init_from
 
-    if resume_dir is None and cfg.stage(stage).init_from:
+    if resumed is not None:
+        where, stored = resumed.directory, resumed.stored
+    elif cfg.stage(stage).init_from:
         path = resolve_init_from(cfg, cfg.stage(stage).init_from)
         if not ckpt_lib.is_training_checkpoint(path):
             try:
                 return f"the model at {path}", load_tokenizer(path).fingerprint, path
             except (FileNotFoundError, NotADirectoryError):
                 return None
-        resume_dir = path
-    if resume_dir is None:
+        where, stored = path, ckpt_lib.read_checkpoint_config(path)
+    else:
         return None
-    stored = ckpt_lib.read_checkpoint_config(resume_dir)
-    return f"the checkpoint at {resume_dir}", _recorded(stored).get("tokenizer"), _stored_tokenizer_path(stored)
+    return f"the checkpoint at {where}", _recorded(stored).get("tokenizer"), _stored_tokenizer_path(stored)
 
 
-def stage_tokenizer(cfg: RunConfig, stage: str, resume_dir: str | None = None):
+def stage_tokenizer(cfg: RunConfig, stage: str, resumed: ResumePoint | None = None):
     """(tokenizer, its directory) for `stage`: the starting model's own (see the module docstring), else
-    `data.tokenizer` or the workdir's (`inputs.load_or_train_tokenizer`). `resume_dir`: the stage's own
-    checkpoint directory when it resumes. UserError when `data.tokenizer` differs from the model's."""
+    `data.tokenizer` or the workdir's (`inputs.load_or_train_tokenizer`). `resumed`: the stage's own
+    checkpoint when it resumes (`resume.resume_point`). UserError when `data.tokenizer` differs from the
+    model's."""
     from bart_jax.data import load_tokenizer
     from bart_jax.train.inputs import load_or_train_tokenizer
 
-    carried = _carried_tokenizer(cfg, stage, resume_dir)
+    carried = _carried_tokenizer(cfg, stage, resumed)
     if carried is None:
         return load_or_train_tokenizer(cfg)
     what, fingerprint, path = carried
@@ -82,15 +84,15 @@ def stage_tokenizer(cfg: RunConfig, stage: str, resume_dir: str | None = None):
     return tok, directory
 
 
-def check_dataset_unchanged(resume_dir: str, dataset, stage: str, allow_config_change: bool) -> None:
-    """Refuse (UserError) to resume on a dataset whose contents differ from the one the checkpoint at
-    `resume_dir` was trained on (the same path, rebuilt from other inputs); with `allow_config_change`, warn."""
-    recorded = _recorded(ckpt_lib.read_checkpoint_config(resume_dir)).get("dataset")
+def check_dataset_unchanged(resumed: ResumePoint, dataset, stage: str, allow_config_change: bool) -> None:
+    """Refuse (UserError) to resume on a dataset whose contents differ from the one the checkpoint `resumed`
+    was trained on (the same path, rebuilt from other inputs); with `allow_config_change`, warn."""
+    recorded = _recorded(resumed.stored).get("dataset")
     current = getattr(dataset, "fingerprint", None)
     if recorded is None or current is None or recorded == current:
         return
     message = (f"the {stage} data {getattr(dataset, 'path', '')} was rebuilt from other inputs since the "
-               f"checkpoint at {resume_dir} was written (fingerprint {recorded} -> {current})")
+               f"checkpoint at {resumed.directory} was written (fingerprint {recorded} -> {current})")
     if allow_config_change:
         logger.warning("resuming with changed training data (allowed): %s", message)
         return

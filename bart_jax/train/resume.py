@@ -4,6 +4,7 @@ a random initialisation; and the architecture that goes with it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -49,15 +50,32 @@ def check_init_from_exists(cfg: RunConfig, stage: str) -> None:
                         f"{stage}.init_from to a checkpoint (or null for random initialisation)")
 
 
-def starting_point(cfg: RunConfig, stage: str, ckpt: ckpt_lib.Checkpointer, allow_config_change: bool):
-    """(BartConfig, init) of the stage. Resuming (the run has a checkpoint): the architecture it started
-    with, after `check_resume_config`, and init None (the caller restores the checkpoint). Otherwise
-    `model_config_and_init`."""
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """The stage's own latest checkpoint, which it resumes from: its `step`, that step's `directory` and the
+    config `stored` beside it (`read_checkpoint_config`), read once for every check of the resume."""
+
+    step: int
+    directory: str
+    stored: dict
+
+
+def resume_point(ckpt: ckpt_lib.Checkpointer) -> ResumePoint | None:
+    """Where the stage resumes (its latest checkpoint in `ckpt`), or None when it has none and starts afresh."""
     latest = ckpt.latest_step()
     if latest is None:
-        return model_config_and_init(cfg, stage)
+        return None
     where = os.path.join(ckpt.directory, str(latest))
-    stored = ckpt_lib.read_checkpoint_config(where)
+    return ResumePoint(latest, where, ckpt_lib.read_checkpoint_config(where))
+
+
+def starting_point(cfg: RunConfig, stage: str, resumed: ResumePoint | None, allow_config_change: bool):
+    """(BartConfig, init) of the stage. Resuming (`resumed`, from `resume_point`): the architecture it started
+    with, after `check_resume_config`, and init None (the caller restores the checkpoint). Otherwise
+    `model_config_and_init`."""
+    if resumed is None:
+        return model_config_and_init(cfg, stage)
+    stored, where = resumed.stored, resumed.directory
     check_resume_config(stored.get("run"), cfg, stage, where, allow_config_change)
     return merge_model_config(stored_model_config(stored, where), cfg, where), None
 

@@ -85,13 +85,13 @@ def setup_stage(cfg: RunConfig, stage: str, *, allow_config_change: bool = False
     t = sc.train
     run_dir = os.path.abspath(cfg.run_dir(stage))
     ckpt = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.checkpoint)
-    resumed_from = ckpt.latest_step()
-    resume_dir = None if resumed_from is None else os.path.join(ckpt.directory, str(resumed_from))
-    tok, tokenizer_dir = provenance.stage_tokenizer(cfg, stage, resume_dir)
+    resuming = resume.resume_point(ckpt)
+    resumed_from = None if resuming is None else resuming.step
+    tok, tokenizer_dir = provenance.stage_tokenizer(cfg, stage, resuming)
     mesh = partitioning.make_mesh(cfg.mesh)
     local_batch = _local_batch(stage, t, mesh)
 
-    model_config, init = resume.starting_point(cfg, stage, ckpt, allow_config_change)
+    model_config, init = resume.starting_point(cfg, stage, resuming, allow_config_change)
     _check_model_fits(stage, t, model_config, tok)
 
     boxed = boxed_abstract_params(model_config)
@@ -101,8 +101,8 @@ def setup_stage(cfg: RunConfig, stage: str, *, allow_config_change: bool = False
 
     dataset = prepared_dataset(cfg, stage)
     check_splits(cfg, stage, dataset)
-    if resume_dir is not None:
-        provenance.check_dataset_unchanged(resume_dir, dataset, stage, allow_config_change)
+    if resuming is not None:
+        provenance.check_dataset_unchanged(resuming, dataset, stage, allow_config_change)
     train_batches = stage_batches(cfg, stage, tok, dataset, local_batch, cfg.data.train_split, shuffle=True,
                                   decoder_start_id=model_config.decoder_start_token_id)
     if resumed_from is not None:
