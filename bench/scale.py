@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 
+from bart_jax.train.config import GRADIENT_REDUCTIONS
 from bart_jax.train.flops import datasheet_peaks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,7 +94,7 @@ def model_config(name: str):
 
 
 def compile_case(name: str, layout, per_shard_batch: int, source: int, target: int, micro: int,
-                 keep_hlo: str | None = None) -> dict:
+                 gradient_reduction: str = "per_step", keep_hlo: str | None = None) -> dict:
     """Lower and compile one (model, layout) train step and measure it; runs in a process with enough
     simulated devices."""
     import math
@@ -110,7 +111,8 @@ def compile_case(name: str, layout, per_shard_batch: int, source: int, target: i
     d, f, t = layout
     batch = per_shard_batch * d * f * micro
     t0 = time.perf_counter()
-    lowered, shardings, abstract = aot.lower_train_step(config, mesh, aot.StepShape(batch, source, target, micro))
+    lowered, shardings, abstract = aot.lower_train_step(config, mesh, aot.StepShape(batch, source, target, micro),
+                                                        gradient_reduction=gradient_reduction)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -125,18 +127,20 @@ def compile_case(name: str, layout, per_shard_batch: int, source: int, target: i
     opt_bytes = aot.global_bytes(abstract.opt_state)
     # Analytic expectations per device: state split over fsdp x tensor; FSDP gathers the weights of its
     # tensor slice for the forward and again for the backward of every micro-batch (counted in fp32: XLA:CPU
-    # widens the bf16 gathers the partitioner emits); the gradient, summed over micro-batches first, is
-    # reduce-scattered over fsdp once per step (ring: (f-1)/f of the buffer) and the data axis all-reduces
-    # the shard (2(d-1)/d).
+    # widens the bf16 gathers the partitioner emits); the gradient is reduce-scattered over fsdp once per step
+    # ("per_step": summed over micro-batches first) or once per micro-batch ("per_micro_batch"), ring: (f-1)/f
+    # of the buffer, and the data axis all-reduces the shard once per step (2(d-1)/d).
     shard = param_bytes / (f * t)
     expect_gather = 2 * micro * (param_bytes / t) * (f - 1) / f
-    expect_grad = (param_bytes / t) * (f - 1) / f + shard * 2 * (d - 1) / d
+    fsdp_reductions = micro if gradient_reduction == "per_micro_batch" else 1
+    expect_grad = fsdp_reductions * (param_bytes / t) * (f - 1) / f + shard * 2 * (d - 1) / d
     local = [c for c in colls if c["span"] <= ASSUMPTIONS["gpus_per_node"]]
     remote = [c for c in colls if c["span"] > ASSUMPTIONS["gpus_per_node"]]
     step_flops = flops.train_step_flops(config, batch, source, target)
     row = {
         "model": name, "params": param_count(abstract.params), "devices": n, "layout": list(layout),
         "global_batch": batch, "micro_batches": micro, "source_length": source, "target_length": target,
+        "gradient_reduction": gradient_reduction,
         "lower_s": t1 - t0, "compile_s": t2 - t1,
         "param_bytes_total": param_bytes, "opt_bytes_total": opt_bytes,
         "param_bytes_per_device": aot.per_device_bytes(state_sh.params, abstract.params),
@@ -216,9 +220,11 @@ def fit_largest(rows: list[dict]) -> list[dict]:
         cfg = model_config(name)
         shapes[name] = (approx_params(cfg), (cfg.encoder_layers + cfg.decoder_layers) * cfg.d_model)
     out = []
-    layouts = sorted({tuple(r["layout"]) for r in rows if "error" not in r}, key=lambda x: (x[0] * x[1] * x[2], x))
-    for lay in layouts:
-        got = [r for r in rows if "error" not in r and tuple(r["layout"]) == lay]
+    cases = sorted({(tuple(r["layout"]), r.get("gradient_reduction", "per_step")) for r in rows if "error" not in r},
+                   key=lambda x: (x[0][0] * x[0][1] * x[0][2], x))
+    for lay, reduction in cases:
+        got = [r for r in rows if "error" not in r and tuple(r["layout"]) == lay
+               and r.get("gradient_reduction", "per_step") == reduction]
         if len(got) < 2:
             continue
         shard = lay[1] * lay[2]
@@ -231,7 +237,7 @@ def fit_largest(rows: list[dict]) -> list[dict]:
             coef[0] = STATE_BYTES_PER_PARAM
             rest = peaks - coef[0] * a_mat[:, 0]
             coef[1] = float(a_mat[:, 1] @ rest / (a_mat[:, 1] @ a_mat[:, 1]))
-        row = {"layout": list(lay), "bytes_per_param_shard": coef[0], "bytes_per_layer_width": coef[1],
+        row = {"layout": list(lay), "gradient_reduction": reduction, "bytes_per_param_shard": coef[0], "bytes_per_layer_width": coef[1],
                "fitted_on": [r["model"] for r in got]}
         for hbm, gib in ASSUMPTIONS["hbm_gib"].items():
             fits = [(p, n) for n, (p, lw) in shapes.items() if coef[0] * p / shard + coef[1] * lw <= gib * GIB]
@@ -248,7 +254,7 @@ def print_fits(rows: list[dict]) -> None:
         print("\nLargest MODELS shape predicted to fit (EXTRAPOLATED: peak = a*params/(fsdp*tensor) + "
               "b*layers*d_model fitted per layout on the compiled models, same per-device batch):")
         for f in fits:
-            print(f"  {'x'.join(map(str, f['layout']))}: " + ", ".join(
+            print(f"  {'x'.join(map(str, f['layout']))} {f.get('gradient_reduction', 'per_step')}: " + ", ".join(
                 f"{hbm}: {f[hbm]}" for hbm in ASSUMPTIONS["hbm_gib"]) +
                 f"  (a={f['bytes_per_param_shard']:.1f} B/param, b={f['bytes_per_layer_width'] / 2**20:.2f} MiB"
                 f" per layer x d_model unit, fitted on {', '.join(f['fitted_on'])})")
@@ -265,8 +271,8 @@ def approx_params(cfg) -> int:
 
 
 def fmt_table(rows: list[dict], markdown: bool = False) -> str:
-    cols = ["model", "params", "dev", "d×f×t", "batch", "params/dev MiB (exp)", "opt/dev MiB (exp)",
-            "temp GiB", "peak GiB", "all-gather GB", "all-reduce GB", "other GB", "exp. gather+grad GB",
+    cols = ["model", "params", "dev", "d×f×t", "grad. reduction", "batch", "params/dev MiB (exp)",
+            "opt/dev MiB (exp)", "temp GiB", "peak GiB", "all-gather GB", "all-reduce GB", "other GB", "exp. gather+grad GB",
             "NVLink GB", "IB GB", "compute ms", "comm ms", "comm/compute", "fits 80/141"]
     lines = []
     if markdown:
@@ -276,7 +282,8 @@ def fmt_table(rows: list[dict], markdown: bool = False) -> str:
     for r in rows:
         if "error" in r:
             lay = r["layout"]
-            cells = [r["name"], "", str(lay[0] * lay[1] * lay[2]), "×".join(map(str, lay)), "", r["error"][:80]]
+            cells = [r["name"], "", str(lay[0] * lay[1] * lay[2]), "×".join(map(str, lay)),
+                     r.get("gradient_reduction", "per_step"), "", r["error"][:80]]
             cells += [""] * (len(cols) - len(cells))
         else:
             c = r["collectives"]
@@ -285,7 +292,7 @@ def fmt_table(rows: list[dict], markdown: bool = False) -> str:
             fits = "/".join("yes" if peak <= g else "no" for g in ASSUMPTIONS["hbm_gib"].values())
             cells = [
                 r["model"], f"{r['params'] / 1e9:.2f}B", str(r["devices"]), "×".join(map(str, r["layout"])),
-                str(r["global_batch"]),
+                r.get("gradient_reduction", "per_step"), str(r["global_batch"]),
                 f"{r['param_bytes_per_device'] / 2**20:.0f} ({r['param_bytes_expected'] / 2**20:.0f})",
                 f"{r['opt_bytes_per_device'] / 2**20:.0f} ({r['opt_bytes_expected'] / 2**20:.0f})",
                 f"{r['temp_bytes'] / GIB:.1f}", f"{peak:.1f}",
@@ -309,6 +316,8 @@ def main(argv=None) -> int:
     parser.add_argument("--source-length", type=int, default=512)
     parser.add_argument("--target-length", type=int, default=512)
     parser.add_argument("--micro-batches", type=int, default=2)
+    parser.add_argument("--gradient-reduction", default="per_step", choices=GRADIENT_REDUCTIONS,
+                        help="train.gradient_reduction: when the fsdp axis reduces the gradient")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per device count")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     parser.add_argument("--out", default=os.path.join(HERE, "out", "scale.json"))
@@ -318,17 +327,19 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
     if args.from_json:
-        merged = {}  # a later file's row for the same (model, layout) replaces an earlier one
+        merged = {}  # a later file's row for the same (model, layout, reduction) replaces an earlier one
         for path in args.from_json.split(","):
             with open(path) as f:
                 for r in json.load(f)["rows"]:
-                    merged[(r.get("model", r.get("name")), tuple(r["layout"]))] = r
+                    merged[(r.get("model", r.get("name")), tuple(r["layout"]),
+                            r.get("gradient_reduction", "per_step"))] = r
         names = list(MODELS)
 
         def order(r):
             lay, n = tuple(r["layout"]), r["layout"][0] * r["layout"][1] * r["layout"][2]
             known = LAYOUTS.get(n, [])
-            return n, names.index(r.get("model", r.get("name"))), known.index(lay) if lay in known else len(known)
+            return (n, names.index(r.get("model", r.get("name"))), known.index(lay) if lay in known else len(known),
+                    r.get("gradient_reduction", "per_step") != "per_step")
 
         rows = sorted(merged.values(), key=order)
         print(fmt_table(rows, markdown=args.markdown))
@@ -369,7 +380,8 @@ def main(argv=None) -> int:
     for m in models:  # model-major: the models listed first are complete first
         for n, layouts in by_count.items():
             cases = [dict(name=m, layout=list(lay), per_shard_batch=args.per_device_batch, source=args.source_length,
-                          target=args.target_length, micro=args.micro_batches) for lay in layouts]
+                          target=args.target_length, micro=args.micro_batches,
+                          gradient_reduction=args.gradient_reduction) for lay in layouts]
             if cases:
                 run_device_count(n, cases, args.timeout, on_row=lambda r: (rows.append(r), save(r)))
 

@@ -29,18 +29,24 @@ SLACK = 1.1
 
 
 @functools.cache
-def compile_for(layout, micro_batches=SHAPE.micro_batches):
+def compile_for(layout, micro_batches=SHAPE.micro_batches, gradient_reduction="per_step"):
     """(collectives, param bytes, per-device param bytes, bytes of the parameters split over fsdp)."""
+    return _compile(layout, micro_batches, gradient_reduction)[:4]
+
+
+@functools.cache
+def _compile(layout, micro_batches, gradient_reduction):
+    """compile_for's values and the step's temporary bytes per device."""
     mesh = partitioning.make_mesh(C.MeshConfig(*layout))
     shape = dataclasses.replace(SHAPE, micro_batches=micro_batches)
-    lowered, _, abstract = aot.lower_train_step(MODEL, mesh, shape)
+    lowered, _, abstract = aot.lower_train_step(MODEL, mesh, shape, gradient_reduction=gradient_reduction)
     compiled = lowered.compile()
     shardings = compiled.input_shardings[0][0].params
     split = sum(math.prod(x.shape) * x.dtype.itemsize
                 for s, x in zip(jax.tree.leaves(shardings), jax.tree.leaves(abstract.params))
                 if s.shard_shape(x.shape) != x.shape)
     return (aot.collectives(compiled.as_text(), 8), aot.global_bytes(abstract.params),
-            aot.per_device_bytes(shardings, abstract.params), split)
+            aot.per_device_bytes(shardings, abstract.params), split, compiled.memory_analysis().temp_size_in_bytes)
 
 
 def moved(colls, op, group=None, big=0):
@@ -98,6 +104,22 @@ def test_data_and_fsdp_reduce_within_the_fsdp_group_then_the_shard_across_it():
     across = moved(colls, "all-reduce", group=2)
     assert 0.95 * params <= inside <= SLACK * params, inside / params
     assert 0.95 * per_device <= across <= SLACK * per_device, across / per_device
+
+
+def test_gradient_reduced_every_micro_batch_keeps_fsdp_memory():
+    # train.gradient_reduction=per_micro_batch: inside each fsdp group the backward pass reduce-scatters every
+    # micro-batch's gradient (the tied embedding once per use: two lookups and the output projection), so no
+    # device holds the whole float32 gradient; the data axis still all-reduces the shard once per step.
+    layout, table = (2, 4, 1), MODEL.vocab_size * MODEL.d_model * 4
+    colls, params, per_device, _, temp = _compile(layout, SHAPE.micro_batches, "per_micro_batch")
+    inside = moved(colls, "all-reduce", group=4) + moved(colls, "reduce-scatter", group=4)
+    expect = SHAPE.micro_batches * (params + 2 * table)
+    assert 0.95 * expect <= inside <= SLACK * expect, inside / expect
+    across = moved(colls, "all-reduce", group=2)
+    assert 0.95 * per_device <= across <= SLACK * per_device, across / per_device
+    # Against the step that reduces once per step: at least a third of the float32 gradient less memory.
+    per_step_temp = _compile(layout, SHAPE.micro_batches, "per_step")[4]
+    assert temp <= per_step_temp - params / 3, (temp / params, per_step_temp / params)
 
 
 def test_tensor_parallel_reduces_activations_per_layer_and_the_gradient_once():

@@ -24,13 +24,13 @@ def batches(n=STEPS, batch=8, length=16):
     return padded_batches(MODEL.vocab_size, n, batch, length, seed=100)
 
 
-def train(mesh):
+def train(mesh, **step_options):
     optimizer, schedule = optim.make_optimizer(
         C.OptimizerConfig(name="lamb", learning_rate=1e-2, clip_norm=1.0), C.ScheduleConfig(warmup_steps=1),
         10, abstract_params(MODEL), param_logical_axes(MODEL))
     state, shardings = create_train_state(MODEL, optimizer, mesh, seed=0)
-    step = compile_train_step(make_train_step(MODEL, optimizer, schedule, grad_shardings=shardings.params),
-                              shardings, mesh)
+    step = compile_train_step(make_train_step(MODEL, optimizer, schedule, grad_shardings=shardings.params,
+                                              **step_options), shardings, mesh)
     losses = []
     for b in batches():
         state, m = step(state, jax.device_put(b, partitioning.batch_sharding(mesh)))
@@ -41,6 +41,17 @@ def train(mesh):
 @pytest.fixture(scope="module")
 def single_device():
     return train(partitioning.make_mesh(C.MeshConfig(1, 1, 1), devices=jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2)])
+def test_gradient_reduced_every_micro_batch_matches_single_device(shape, single_device):
+    # train.gradient_reduction=per_micro_batch: each fsdp group reduce-scatters every micro-batch's gradient
+    # in the backward pass; the step's update is the same.
+    ref_losses, ref_state, _ = single_device
+    losses, state, _ = train(partitioning.make_mesh(C.MeshConfig(*shape)), micro_batches=2,
+                             gradient_reduction="per_micro_batch")
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(ref_state.params), atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])

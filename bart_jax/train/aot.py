@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +54,8 @@ def lamb(config: BartConfig, total_steps: int = 1000):
                                 abstract_params(config), param_logical_axes(config))
 
 
-def lower_train_step(config: BartConfig, mesh, shape: StepShape, optimizer=None, schedule=None):
+def lower_train_step(config: BartConfig, mesh, shape: StepShape, optimizer=None, schedule=None,
+                     gradient_reduction: str = "per_step"):
     """(jax.stages.Lowered, shardings, abstract_state) of the train step for `mesh` (a Mesh whose devices
     may be simulated CPU devices), through the same functions the training loop uses."""
     from bart_jax.train.state import state_shardings
@@ -67,7 +67,7 @@ def lower_train_step(config: BartConfig, mesh, shape: StepShape, optimizer=None,
     shardings, abstract = state_shardings(config, optimizer, mesh)
     step = compile_train_step(
         make_train_step(config, optimizer, schedule, micro_batches=shape.micro_batches,
-                        grad_shardings=shardings.params), shardings, mesh)
+                        grad_shardings=shardings.params, gradient_reduction=gradient_reduction), shardings, mesh)
     return step.lower(abstract, abstract_batch(shape)), shardings, abstract
 
 

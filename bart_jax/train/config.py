@@ -44,6 +44,7 @@ DECAYS = ("constant", "linear", "polynomial", "cosine")
 BEST_MODES = ("min", "max")
 LOGITS_BIAS_INITS = ("target_prior", "zeros")
 LABEL_SMOOTHING_FORMS = ("all_classes", "other_classes")  # see bart_jax.train.step.loss_sums
+GRADIENT_REDUCTIONS = ("per_step", "per_micro_batch")  # see partitioning.gradient_shard_axes
 
 
 # ----------------------------------------------------------------------------------------- sections
@@ -161,6 +162,10 @@ class TrainConfig:
     steps: int = 100  # optimizer steps (each one global batch)
     batch_size: int = 8  # global sequences per step, over all processes
     micro_batches: int = 1  # gradient accumulation: the batch is split into this many sequential parts
+    # With an fsdp mesh axis: "per_step" reduces each gradient once per step (the least communication; every
+    # device holds a full float32 gradient), "per_micro_batch" reduce-scatters it in the backward pass of every
+    # micro-batch (FSDP's memory). See bart_jax.train.partitioning.gradient_shard_axes.
+    gradient_reduction: str = "per_step"
     source_length: int = 128  # pretraining: token block length (= noised input and target length)
     target_length: int = 64  # fine-tuning: summary length (source_length is the document length)
     seed: int = 0
@@ -245,7 +250,8 @@ def validate(cfg: RunConfig) -> None:
     for stage in ("pretrain", "finetune"):
         choices.update({f"{stage}.optimizer.name": OPTIMIZERS, f"{stage}.schedule.decay": DECAYS,
                         f"{stage}.logits_bias_init": LOGITS_BIAS_INITS,
-                        f"{stage}.train.label_smoothing_form": LABEL_SMOOTHING_FORMS})
+                        f"{stage}.train.label_smoothing_form": LABEL_SMOOTHING_FORMS,
+                        f"{stage}.train.gradient_reduction": GRADIENT_REDUCTIONS})
         minimum.update({f"{stage}.schedule.warmup_steps": 0, f"{stage}.train.eval_every": 0,  # 0: no validation
                         f"{stage}.train.eval_rouge_examples": 0})  # 0: no ROUGE
         minimum.update({f"{stage}.train.{f}": 1 for f in (

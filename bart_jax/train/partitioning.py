@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import flax.linen as nn
 
-from bart_jax.train.config import MeshConfig
+from bart_jax.train.config import GRADIENT_REDUCTIONS, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 logger = logging.getLogger(__name__)
@@ -124,44 +124,63 @@ def batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def batch_shards_in_context() -> int:
-    """Batch shards (data x fsdp) of the mesh set by `jax.set_mesh` at trace time; 1 without a mesh."""
+def gradient_shard_axes(reduction: str) -> tuple[str, ...]:
+    """The mesh axes over which the train step keeps one partial gradient per shard until the step's end
+    (`train.gradient_reduction`, bart_jax.train.config.GRADIENT_REDUCTIONS).
+
+    "per_step": data x fsdp. Every batch shard sums its rows' gradient over all micro-batches (the tied
+    embedding's uses added locally too) and the step reduces it once: each gradient crosses the network once,
+    but every device holds a full float32 gradient (of its tensor slice). "per_micro_batch": data only. Within
+    each fsdp group the partitioner reduce-scatters each layer's gradient as the backward pass produces it, as
+    FSDP does: the gradient is never whole on a device, and the fsdp links carry it once per micro-batch (the
+    tied embedding once per use). Without an fsdp axis the two are the same program.
+    """
+    if reduction not in GRADIENT_REDUCTIONS:
+        raise ValueError(f"gradient reduction {reduction!r}: expected one of {GRADIENT_REDUCTIONS}")
+    return BATCH_AXES if reduction == "per_step" else ("data",)
+
+
+def shards_in_context(axes: tuple[str, ...]) -> int:
+    """Shards over mesh `axes` of the mesh set by `jax.set_mesh` at trace time; 1 without a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+    return math.prod(mesh.shape.get(a, 1) for a in axes)
 
 
-def _without_batch_axes(axes):
-    """A PartitionSpec entry with the batch mesh axes removed."""
+def _without(axes, removed: tuple[str, ...]):
+    """A PartitionSpec entry with the mesh axes `removed` taken out."""
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    kept = tuple(a for a in names if a not in BATCH_AXES)
+    kept = tuple(a for a in names if a not in removed)
     return kept[0] if len(kept) == 1 else (kept or None)
 
 
-def per_shard_rules(rules) -> tuple:
-    """`rules` for code vmapped over the batch shards with `spmd_axis_name=BATCH_AXES`: the vmapped axis
-    already takes the batch mesh axes, so no logical name may map to them again."""
-    return tuple((name, _without_batch_axes(axes)) for name, axes in rules)
+def per_shard_rules(rules, axes: tuple[str, ...]) -> tuple:
+    """`rules` for code vmapped over the shards of mesh `axes` with `spmd_axis_name=axes`: the vmapped axis
+    already takes those mesh axes, so no logical name may map to them again."""
+    return tuple((name, _without(mesh_axes, axes)) for name, mesh_axes in rules)
 
 
-def partial_sum_sharding(sharding: NamedSharding) -> NamedSharding:
-    """The sharding of per-batch-shard partial sums [shards, *shape] of an array sharded as `sharding`:
-    the leading axis over the batch axes, the batch axes dropped from the others (each shard holds its
-    own partial sum of the whole array, or of its tensor slice)."""
-    return NamedSharding(sharding.mesh, P(BATCH_AXES, *(_without_batch_axes(a) for a in sharding.spec)))
+def partial_sum_sharding(sharding: NamedSharding, axes: tuple[str, ...]) -> NamedSharding:
+    """The sharding of per-shard partial sums [shards of `axes`, *shape] of an array sharded as `sharding`:
+    the leading axis over `axes`, those axes dropped from the others (each shard holds its own partial sum
+    of the whole array, or of its slice over the other axes)."""
+    return NamedSharding(sharding.mesh, P(axes, *(_without(a, axes) for a in sharding.spec)))
 
 
-def sum_partials(partial, sharding: NamedSharding):
-    """Sum per-batch-shard partial sums [data * fsdp, *shape] (`partial_sum_sharding`) into one array
-    sharded as `sharding`: over fsdp first (a reduce-scatter onto the fsdp shards, inside a node), then over
-    data (an all-reduce of that shard only), so links between fsdp groups carry 1/fsdp of the array."""
+def sum_partials(partial, sharding: NamedSharding, axes: tuple[str, ...]):
+    """Sum per-shard partial sums [shards of `axes`, *shape] (`partial_sum_sharding`) into one array sharded
+    as `sharding`. Over data x fsdp: over fsdp first (a reduce-scatter onto the fsdp shards, inside a node),
+    then over data (an all-reduce of that shard only), so links between fsdp groups carry 1/fsdp of the
+    array. Over data alone: an all-reduce of each device's slice."""
     mesh = sharding.mesh
-    rest = tuple(_without_batch_axes(a) for a in sharding.spec)
-    per_group = partial.reshape(mesh.shape["data"], mesh.shape["fsdp"], *partial.shape[1:])
-    per_group = jax.lax.with_sharding_constraint(per_group, NamedSharding(mesh, P("data", "fsdp", *rest)))
-    per_data = jax.lax.with_sharding_constraint(per_group.sum(axis=1), NamedSharding(mesh, P("data", *sharding.spec)))
-    return jax.lax.with_sharding_constraint(per_data.sum(axis=0), sharding)
+    if "fsdp" in axes:
+        rest = tuple(_without(a, axes) for a in sharding.spec)
+        per_group = partial.reshape(mesh.shape["data"], mesh.shape["fsdp"], *partial.shape[1:])
+        per_group = jax.lax.with_sharding_constraint(per_group, NamedSharding(mesh, P("data", "fsdp", *rest)))
+        partial = jax.lax.with_sharding_constraint(per_group.sum(axis=1),
+                                                   NamedSharding(mesh, P("data", *sharding.spec)))
+    return jax.lax.with_sharding_constraint(partial.sum(axis=0), sharding)
 
 
 def check_batch_divisible(batch_size: int, micro_batches: int, mesh_or_shards: Mesh | int,

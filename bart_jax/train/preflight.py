@@ -83,8 +83,9 @@ def _device_memory_bytes() -> int | None:
 
 def _check_memory(cfg: RunConfig, stage: str, model, mesh_shape) -> None:
     """Refuse a stage whose step cannot fit a device's memory, by a lower bound that needs no compile: the fp32
-    parameters, gradients and two optimizer moments (16 bytes a parameter) plus one micro-batch's fp32 logits.
-    Only a bound known to exceed what the device has is an error; XLA finds any subtler shortfall."""
+    parameters and two optimizer moments (12 bytes a parameter, split over fsdp x tensor), the fp32 gradient
+    (split over tensor, and over fsdp too with `train.gradient_reduction=per_micro_batch`) plus one micro-batch's
+    fp32 logits. Only a bound known to exceed what the device has is an error; XLA finds any subtler shortfall."""
     from bart_jax.errors import UserError
 
     available = _device_memory_bytes()
@@ -95,17 +96,26 @@ def _check_memory(cfg: RunConfig, stage: str, model, mesh_shape) -> None:
     d, vocab = model.d_model, model.padded_vocab_size
     params = (vocab * d + model.encoder_layers * (4 * d * d + 2 * d * model.encoder_ffn_dim)
               + model.decoder_layers * (8 * d * d + 2 * d * model.decoder_ffn_dim))
-    state = 16 * params / (fsdp * tensor)
+
+    def state_bytes(reduction):
+        gradient_split = tensor * (fsdp if reduction == "per_micro_batch" else 1)
+        return 12 * params / (fsdp * tensor) + 4 * params / gradient_split
+
+    state = state_bytes(t.gradient_reduction)
     rows = t.batch_size // (t.micro_batches * data * fsdp)
     target = t.source_length if stage == "pretrain" else t.target_length
     logits = 4 * rows * target * vocab / tensor
     if state + logits <= available:
         return
     gb = 1e9
+    remedy = (f"raise {stage}.train.micro_batches or lower batch_size, add devices, or use a smaller config "
+              "(--config tiny)")
+    if fsdp > 1 and t.gradient_reduction == "per_step" and state_bytes("per_micro_batch") + logits <= available:
+        remedy = (f"set {stage}.train.gradient_reduction=per_micro_batch (the gradient split over fsdp, reduced "
+                  f"every micro-batch), or {remedy}")
     raise UserError(
         f"{stage} needs more memory than a device here has: at least {(state + logits) / gb:.1f} GB per device "
         f"(parameters, gradients and optimizer moments {state / gb:.1f} GB + one micro-batch's logits "
         f"{logits / gb:.1f} GB: {rows} rows x {target} tokens x {vocab} vocabulary), and each device has "
         f"{available / gb:.1f} GB; model.preset {cfg.model.preset!r} at batch {t.batch_size} is sized for GPU "
-        f"pods: raise {stage}.train.micro_batches or lower batch_size, add devices, or use a smaller config "
-        "(--config tiny)")
+        f"pods: {remedy}")

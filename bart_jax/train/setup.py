@@ -122,7 +122,8 @@ def setup_stage(cfg: RunConfig, stage: str, *, allow_config_change: bool = False
     train_step = compile_train_step(
         make_train_step(model_config, optimizer, schedule, micro_batches=t.micro_batches,
                         label_smoothing=t.label_smoothing, label_smoothing_form=t.label_smoothing_form,
-                        batch_fn=train_fn, grad_shardings=shardings.params),
+                        batch_fn=train_fn, grad_shardings=shardings.params,
+                        gradient_reduction=t.gradient_reduction),
         shardings, mesh)
     eval_step = compile_eval_step(
         make_eval_step(model_config, label_smoothing=t.label_smoothing, label_smoothing_form=t.label_smoothing_form,

@@ -148,18 +148,20 @@ def guarded_update(state: TrainState, grads, loss, total_tokens, optimizer: opta
                        "nonfinite_streak": streak, "nonfinite_total": total_bad}
 
 
-def _per_shard_gradients(model, params, denom, deterministic: bool, loss_sums_fn, constrain_partial):
+def _per_shard_gradients(model, params, denom, deterministic: bool, loss_sums_fn, constrain_partial,
+                         axes: tuple[str, ...]):
     """(micro_grads, shards): micro_grads(batch, key) -> (grads [shards, *param shape] float32, loss, nll,
     correct) for the mesh set at trace time.
 
-    Each batch shard (data x fsdp) differentiates its own rows (a vmap over the shards, laid out on the batch
-    mesh axes) and keeps its partial gradient sum through all micro-batches; the one cross-device reduction per
-    step is `_sum_over_shards`. Under plain jit the partitioner would reduce every micro-batch's gradient, and
-    each use of the tied embedding's, separately. Shard s draws its dropout from fold_in(key, s).
+    Each shard of the mesh `axes` (`partitioning.gradient_shard_axes`) differentiates its own rows (a vmap over
+    the shards, laid out on those axes) and keeps its partial gradient sum through all micro-batches; the one
+    reduction over those axes per step is `_sum_over_shards`. Under plain jit the partitioner would reduce every
+    micro-batch's gradient, and each use of the tied embedding's, separately. Shard s draws its dropout from
+    fold_in(key, s).
     """
-    shards = partitioning.batch_shards_in_context()
-    spmd_axes = None if jax.sharding.get_abstract_mesh().empty else partitioning.BATCH_AXES
-    shard_rules = partitioning.per_shard_rules(nn.get_logical_axis_rules())
+    shards = partitioning.shards_in_context(axes)
+    spmd_axes = None if jax.sharding.get_abstract_mesh().empty else axes
+    shard_rules = partitioning.per_shard_rules(nn.get_logical_axis_rules(), axes)
 
     def shard_grads(rows, key):
         def loss_fn(p):
@@ -180,29 +182,30 @@ def _per_shard_gradients(model, params, denom, deterministic: bool, loss_sums_fn
     return micro_grads, shards
 
 
-def _sum_over_shards(partial, grad_shardings):
-    """The step's gradient: the batch shards' partial sums [shards, ...] added, reduced onto `grad_shardings`
-    (`partitioning.sum_partials`: within each fsdp group first, then the shard across data)."""
+def _sum_over_shards(partial, grad_shardings, axes: tuple[str, ...]):
+    """The step's gradient: the shards' partial sums [shards, ...] added, reduced onto `grad_shardings`
+    (`partitioning.sum_partials`)."""
     with jax.named_scope("sum_gradients"):
         if grad_shardings is None:
             return jax.tree.map(lambda g: jnp.sum(g, axis=0), partial)
-        return jax.tree.map(partitioning.sum_partials, partial, grad_shardings)
+        return jax.tree.map(lambda g, s: partitioning.sum_partials(g, s, axes), partial, grad_shardings)
 
 
 def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, micro_batches: int = 1, label_smoothing: float = 0.1,
                     label_smoothing_form: str = "all_classes", batch_fn: BatchFn = identity_batch,
-                    grad_shardings=None):
+                    grad_shardings=None, gradient_reduction: str = "per_step"):
     """train_step(state, batch) -> (state, metrics).
 
     batch: whatever `batch_fn` turns into a model batch (int32 [B, ...] arrays: input_ids, attention_mask,
     decoder_input_ids, decoder_attention_mask, labels). The loss is the label-smoothed CE (`loss_sums`, in
     `label_smoothing_form`) summed over the real target tokens of the whole global batch divided by their
     count (0 tokens: loss 0, no update), so M micro-batches give exactly the gradient of the full batch.
-    Gradients accumulate in float32, per batch shard (data x fsdp): each device keeps a partial sum of
-    the whole gradient (of its tensor slice) over its rows of every micro-batch, and the shards' sums are
-    reduced once per step (`partitioning.sum_partials`). Dropout keys fold in the micro-batch and the
-    batch-shard index, so masks depend on the mesh's batch shard count.
+    Gradients accumulate in float32 per shard of the mesh axes `gradient_reduction` names
+    (`partitioning.gradient_shard_axes`: data x fsdp for "per_step", data for "per_micro_batch"): each
+    device keeps a partial sum over its rows of every micro-batch, and the shards' sums are reduced once per
+    step (`partitioning.sum_partials`). Dropout keys fold in the micro-batch and the shard index, so masks
+    depend on the mesh's shard count over those axes.
     A step whose loss or gradient norm is not finite leaves params/opt_state unchanged and bumps
     `nonfinite_streak` / `nonfinite_total`; any finite step resets the streak.
     metrics (f32/int32 scalars): loss, nll, accuracy, tokens, grad_norm, learning_rate, skipped,
@@ -211,6 +214,7 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
     from bart_jax.model import Bart
 
     check_label_smoothing_form(label_smoothing_form)
+    axes = partitioning.gradient_shard_axes(gradient_reduction)
     model = Bart(model_config)
     pad_id = model_config.pad_token_id
     deterministic = model_config.dropout == 0 and model_config.attention_dropout == 0 \
@@ -218,11 +222,11 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
 
     def constrain(tree, shardings):
         # Only the gradients are pinned (elsewhere XLA propagates shardings from the state's in/out
-        # shardings): the partial sums to one per batch shard, their total to the parameter shardings.
+        # shardings): the partial sums to one per shard, their total to the parameter shardings.
         return tree if grad_shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
     partial_shardings = None if grad_shardings is None else jax.tree.map(
-        partitioning.partial_sum_sharding, grad_shardings)
+        lambda s: partitioning.partial_sum_sharding(s, axes), grad_shardings)
 
     def train_step(state: TrainState, batch: dict):
         full = batch_fn(batch, state.step)
@@ -235,7 +239,7 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
         micro_grads, shards = _per_shard_gradients(
             model, state.params, denom, deterministic, lambda logits, labels: loss_sums(
                 logits, labels, pad_id, label_smoothing, label_smoothing_form),
-            lambda g: constrain(g, partial_shardings))
+            lambda g: constrain(g, partial_shardings), axes)
 
         if micro_batches == 1:
             partial, loss, nll, correct = micro_grads(full, step_key)
@@ -244,7 +248,7 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
                                  state.params)
             partial, loss, nll, correct = accumulate(micro_grads, _split_micro(full, micro_batches), step_key,
                                                      zeros, lambda g: constrain(g, partial_shardings))
-        grads = _sum_over_shards(partial, grad_shardings)
+        grads = _sum_over_shards(partial, grad_shardings, axes)
 
         new_state, update_metrics = guarded_update(state, grads, loss, total_tokens, optimizer)
         metrics = {"loss": loss, "nll": nll / denom, "accuracy": correct / denom, "tokens": total_tokens,
