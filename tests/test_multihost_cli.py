@@ -1,7 +1,8 @@
 """The real command line across processes: `bart-jax data text|pairs`, then `bart-jax pretrain` and `bart-jax
 finetune` as two local processes (gloo CPU collectives, 4 simulated devices each) from tokenizer to finished
 model directory, compared with the same run as one process over 8 devices; preemption of one process; a
-process killed outright; and the one-line errors of a job that cannot form.
+process killed outright, and one that never joins (the others end in one line); and the one-line errors of a job
+that cannot form.
 
 Tolerance: the two layouts run the same programs on the same global batches (`data.shards=2` fixes how the data
 is split, whatever the number of processes), but their all-reduces add the devices' partial sums in another order,
@@ -11,12 +12,14 @@ for that rounding to grow over the steps, while a different batch or a skipped s
 
 import json
 import os
+import queue
 import random
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -29,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TIMEOUT_S = 600
 PRETRAIN_STEPS, FINETUNE_STEPS = 12, 6
+JOB_LOST_EXIT = 75  # EX_TEMPFAIL: not a user error (2), and restarting the job resumes it
 
 
 def free_port() -> int:
@@ -218,17 +222,102 @@ def test_cli_across_two_processes_matches_one_process_and_resumes_after_sigterm_
         assert all(i % 2 == 0 for i in reads[0][key]) and all(i % 2 == 1 for i in reads[1][key]), key
 
 
+def _assert_one_clean_line(err, pattern):
+    """`err` ends in one line matching `pattern`, with no traceback or C++ fatal message (JAX's) before it."""
+    line = err.strip().splitlines()[-1]
+    assert re.fullmatch(pattern, line), err[-3000:]
+    assert "Traceback" not in err and "stack trace" not in err and not re.search(r"^F\d{4} ", err, re.M), err[-3000:]
+    return line
+
+
 @pytest.mark.integration
-def test_a_killed_process_fails_the_others_within_the_heartbeat_timeout(tmp_path, data):
-    job = _launch(_args("pretrain", tmp_path / "run", data, "distributed.heartbeat_timeout_s=5"), tmp_path, "killed")
-    _wait_for_step(job, 2)
+def test_a_killed_process_ends_the_others_at_once_in_one_line(tmp_path, data):
+    # JAX's heartbeat would end the survivor only after 60 s, and with its own fatal message.
+    job = _launch(_args("pretrain", tmp_path / "run", data, "distributed.heartbeat_timeout_s=60",
+                        "pretrain.train.checkpoint_every=2"), tmp_path, "killed")
+    _wait_for_step(job, 3)
     killed_at = time.monotonic()
     job.procs[1].kill()
     (code, _, err), (killed, _, _) = job.wait(timeout=120)
+    elapsed = time.monotonic() - killed_at
     assert killed == -signal.SIGKILL
-    assert code != 0 and time.monotonic() - killed_at < 60
-    # JAX's own fatal message (its wording varies between versions), not a hang.
-    assert re.search(r"another task died|tasks are unhealthy|stopped sending heartbeats", err), err[-3000:]
+    assert code == JOB_LOST_EXIT and elapsed < 30, (code, elapsed, err[-3000:])
+    line = _assert_one_clean_line(err, (
+        r"bart-jax pretrain: error: process 1 of this 2-process job stopped \(killed or crashed: its connection "
+        r"closed\), and the others cannot go on without it; restart the job: the same command on every process "
+        r"resumes from the last checkpoint \((step \d+ in \S+|none saved yet: the stage starts over)\)"))
+    named = re.search(r"\(step (\d+) in (\S+)\)$", line)
+    if named:  # the step a restart resumes from
+        assert named.group(2) == str(tmp_path / "run" / "pretrain" / "checkpoints")
+        assert os.path.isdir(os.path.join(named.group(2), named.group(1)))
+
+
+@pytest.mark.integration
+def test_a_process_that_never_joins_ends_the_job_in_one_line(tmp_path, data):
+    started = time.monotonic()
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "bart_jax", *_args("pretrain", tmp_path / "run", data),
+                          "distributed.enabled=true", f"distributed.coordinator_address=127.0.0.1:{port}",
+                          "distributed.num_processes=2", "distributed.process_id=0",
+                          "distributed.initialization_timeout_s=3"],
+                         cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=120)
+    assert out.returncode == JOB_LOST_EXIT, out.stderr[-3000:]
+    _assert_one_clean_line(out.stderr, (
+        rf"bart-jax pretrain: error: not every process joined the job at the coordinator 127\.0\.0\.1:{port} within "
+        r"distributed\.initialization_timeout_s=3 s; start the same command on every process "
+        r"\(distributed\.process_id=0 to 1\), or raise distributed\.initialization_timeout_s"))
+    assert time.monotonic() - started < 90
+
+
+@pytest.fixture
+def watch(monkeypatch):
+    """The watch's protocol in this process: ending the job records the JobLost (and, as the real end never
+    returns, stops that thread)."""
+    from bart_jax.train import distributed
+
+    ended = queue.Queue()
+    monkeypatch.setattr(distributed, "_end_job", lambda e: (ended.put(e), threading.Event().wait()))
+    monkeypatch.setattr(distributed, "_peers", [])
+    monkeypatch.setattr(distributed, "_RELAY_S", 1.0)
+    return distributed, ended
+
+
+def test_process_0_tells_the_others_which_process_was_lost(watch):
+    distributed, ended = watch
+    listener = distributed._listening_socket()
+    threading.Thread(target=distributed._serve, args=(listener,), daemon=True).start()
+
+    def peer(i):
+        sock = socket.create_connection(("127.0.0.1", listener.getsockname()[1]), timeout=10)
+        sock.sendall(f"{i}\n".encode())
+        return sock
+
+    finished, lost, other = peer(3), peer(1), peer(2)
+    finished.sendall(b"bye\n")  # an orderly exit says so before its connection closes
+    finished.close()
+    time.sleep(0.2)
+    lost.close()  # as a killed process's connection closes (by the kernel)
+    assert other.recv(64) == b"lost 1\n"
+    other.close()  # (what the others do on that word; process 0 waits for it, then ends)
+    assert re.match(r"process 1 of this \d+-process job stopped", str(ended.get(timeout=10)))
+    time.sleep(0.2)
+    assert ended.empty()  # process 3, which said bye, was no loss
+
+
+def test_the_others_end_on_process_0_word_or_when_it_is_lost(watch):
+    distributed, ended = watch
+    for told, lost in ((b"lost 2\n", 2), (b"", 0), (b"bye\n", None)):
+        mine, process_0 = socket.socketpair()
+        listening = threading.Thread(target=distributed._listen, args=(mine,), daemon=True)
+        listening.start()
+        process_0.sendall(told)
+        process_0.close()
+        if lost is None:  # process 0 ended in order: no loss, and the watch stops
+            listening.join(timeout=10)
+            assert not listening.is_alive() and ended.empty()
+        else:
+            who = "process 0 (the coordinator)" if lost == 0 else f"process {lost}"
+            assert str(ended.get(timeout=10)).startswith(f"{who} of this ")
 
 
 @pytest.mark.integration

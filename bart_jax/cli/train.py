@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import jax
 
-from bart_jax.train.config import load_config
+from bart_jax.train import distributed
+from bart_jax.train.config import RunConfig, load_config
 from bart_jax.train.loop import run_stage
 from bart_jax.train.progress import StageReporter, TrainingDiverged, resumed_line, step_line
 from bart_jax.train.resume import ALLOW_CONFIG_CHANGE_HELP
@@ -45,15 +47,34 @@ def _cli(stage: str, argv: list[str]) -> int:
     args = parser.parse_args(argv)
     # User errors (config, data, paths) reach the `bart-jax` dispatcher: one line, exit code 2.
     cfg = load_config(args.config, args.overrides, args.variant)  # (run_stage checks it before any work)
+
+    def job_lost(e: distributed.JobLost) -> None:  # from the thread that noticed; the process ends right after
+        print(f"bart-jax {stage}: error: {e}{_last_checkpoint(cfg, stage) if e.restart else ''}", file=sys.stderr,
+              flush=True)
+
+    distributed.report_job_lost_with(job_lost)
     try:
         result = run_stage(cfg, stage, allow_config_change=args.allow_config_change,
                            reporter=PrintedStageReporter())
     except TrainingDiverged as e:
         print(f"bart-jax {stage}: {e}", file=sys.stderr)
         return 1
+    except RuntimeError:
+        distributed.await_job_lost()  # a collective with a process that died fails first: its line, no traceback
+        raise
     if jax.process_index() == 0:
         print(json.dumps({"stage": stage, "final_step": result.final_step,
                           "last_loss": result.losses[-1] if result.losses else None,
                           "eval": result.eval_metrics, "checkpoints": result.checkpoint_dir,
                           "best_step": result.best_step, "model_dir": result.model_dir}))
     return 0
+
+
+def _last_checkpoint(cfg: RunConfig, stage: str) -> str:
+    """' (step N in DIR)': the checkpoint a restarted stage resumes from."""
+    directory = os.path.join(cfg.run_dir(stage), "checkpoints")
+    try:
+        steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+    except OSError:
+        steps = []
+    return f" (step {max(steps)} in {directory})" if steps else " (none saved yet: the stage starts over)"
