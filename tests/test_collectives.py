@@ -139,9 +139,6 @@ def test_tensor_parallel_reduces_activations_per_layer_and_the_gradient_once():
         [(c["op_name"][-60:], c["bytes"], c["count"]) for c in forward]
 
 
-@pytest.mark.xfail(strict=True, reason="the partitioner all-reduces the input gradients of q, k and v separately "
-                   "before adding them (XLA:CPU runs no all-reduce reassociation): 35 activation all-reduces "
-                   "per micro-batch where Megatron's fused q/k/v projection needs 25")
 def test_tensor_parallel_activation_reductions_match_megatron():
     colls, _, _, _ = compile_for((2, 1, 4))
     rows = SHAPE.batch // 2 // SHAPE.micro_batches

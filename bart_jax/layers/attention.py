@@ -147,18 +147,26 @@ class Projection(nn.Module):
     bias_shape: tuple[int, ...]
     bias_axes: tuple[str, ...]
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
         cfg = self.config
-        kernel = self.param("kernel", dense_kernel_init(cfg, self.kernel_axes), self.kernel_shape, cfg.params_dtype)
-        bias = self.param("bias", zeros_init(self.bias_axes), self.bias_shape, cfg.params_dtype)
-        dtype = cfg.compute_dtype
+        self.kernel = self.param("kernel", dense_kernel_init(cfg, self.kernel_axes), self.kernel_shape,
+                                 cfg.params_dtype)
+        self.bias = self.param("bias", zeros_init(self.bias_axes), self.bias_shape, cfg.params_dtype)
+
+    def weights(self):
+        """(kernel `kernel_shape`, bias `bias_shape`) cast to the compute dtype."""
+        dtype = self.config.compute_dtype
+        return self.kernel.astype(dtype), self.bias.astype(dtype)
+
+    def __call__(self, x):
+        """x [..., *kernel_shape[:n_in]] -> [..., *bias_shape]."""
+        kernel, bias = self.weights()
         # As one 2-D matmul over the flattened contracted axes (the layout torch's Linear uses).
         n_in = len(self.kernel_shape) - len(self.bias_shape)
-        flat_in = x.reshape(*x.shape[: x.ndim - n_in], -1).astype(dtype)
-        flat_kernel = kernel.reshape(int(np.prod(self.kernel_shape[:n_in])), -1).astype(dtype)
+        flat_in = x.reshape(*x.shape[: x.ndim - n_in], -1).astype(kernel.dtype)
+        flat_kernel = kernel.reshape(int(np.prod(self.kernel_shape[:n_in])), -1)
         y = (flat_in @ flat_kernel).reshape(*flat_in.shape[:-1], *self.bias_shape)
-        return y + bias.astype(dtype)
+        return y + bias
 
 
 class Attention(nn.Module):
@@ -183,15 +191,23 @@ class Attention(nn.Module):
                                    (d,), ("embed",), name="out_proj")
         self.attn_dropout = nn.Dropout(cfg.attention_dropout)
 
-    def project_q(self, x):
-        """x [B, T, d] -> q [B, T, N, H]."""
-        return nn.with_logical_constraint(self.q_proj(x), ("act_batch", "act_length", "act_heads", "act_kv"))
+    def project(self, x, which: str):
+        """x [B, T, d] -> one [B, T, N, H] per letter of `which` ('qkv', 'kv' or 'q': those projections).
 
-    def project_kv(self, x):
-        """x [B, S, d] -> (k, v), each [B, S, N, H]."""
+        One matmul against the kernels stacked as [d, N, P, H] (P = len(which)), so the backward's gradient
+        w.r.t. x is one contraction: tensor parallelism (heads split) all-reduces it once, where separate
+        projections gave one partial sum each, all-reduced before they were added (XLA:CPU does not merge them).
+        """
+        kernels, biases = zip(*(getattr(self, f"{name}_proj").weights() for name in which))
+        # Stacked after the heads: flattened to [d, N*P*H], a split over heads stays contiguous columns.
+        kernel = jnp.stack(kernels, axis=2)  # [d, N, P, H]
+        flat = x.reshape(-1, x.shape[-1]).astype(kernel.dtype) @ kernel.reshape(kernel.shape[0], -1)
+        y = flat.reshape(*x.shape[:-1], *kernel.shape[1:])  # [B, T, N, P, H]
         names = ("act_batch", "act_length", "act_heads", "act_kv")
-        return (nn.with_logical_constraint(self.k_proj(x), names),
-                nn.with_logical_constraint(self.v_proj(x), names))
+        # Split, not indexed: the split's transpose concatenates the cotangents, indexing's pads and adds them.
+        # Biases added after the split: their gradients reduce each cotangent, not a second concatenated copy.
+        return tuple(nn.with_logical_constraint(part.squeeze(-2) + bias, names)
+                     for part, bias in zip(jnp.split(y, len(which), axis=-2), biases))
 
     def attend(self, q, k, v, mask, deterministic: bool):
         """Attention of projected q [B, T, N, H] over k, v [B, S, N, H], then the output projection -> [B, T, d]."""
@@ -203,6 +219,10 @@ class Attention(nn.Module):
         return self.out_proj(explicit_attention(q, k, v, mask, layout, layout))
 
     def __call__(self, x, kv_input, mask, deterministic: bool):
-        """Full attention: queries from x [B, T, d], keys/values from kv_input [B, S, d]; mask bool [B|1, 1, T|1, S]."""
-        k, v = self.project_kv(kv_input)
-        return self.attend(self.project_q(x), k, v, mask, deterministic)
+        """Full attention: queries from x [B, T, d], keys/values from kv_input [B, S, d] (None: from x,
+        self-attention); mask bool [B|1, 1, T|1, S]."""
+        if kv_input is None:
+            q, k, v = self.project(x, "qkv")
+        else:
+            (q,), (k, v) = self.project(x, "q"), self.project(kv_input, "kv")
+        return self.attend(q, k, v, mask, deterministic)

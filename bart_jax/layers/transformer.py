@@ -78,7 +78,7 @@ class EncoderLayer(nn.Module):
         cfg, det = self.config, self.deterministic
         attn = Attention(cfg, cfg.encoder_attention_heads, name="self_attn")
         dropout = nn.Dropout(cfg.dropout)
-        x = residual(x, lambda h: attn(h, h, mask, det), layer_norm(cfg, "self_attn_layer_norm"), dropout, cfg, det)
+        x = residual(x, lambda h: attn(h, None, mask, det), layer_norm(cfg, "self_attn_layer_norm"), dropout, cfg, det)
         ffn = FeedForward(cfg, cfg.encoder_ffn_dim, det, name="ffn")
         x = residual(x, ffn, layer_norm(cfg, "final_layer_norm"), dropout, cfg, det)
         return x, None
@@ -109,7 +109,7 @@ class DecoderLayer(nn.Module):
         cross_attn = Attention(cfg, cfg.decoder_attention_heads, name="encoder_attn")
         layout = cfg.decode_layout_for()
         if self.mode == "cross_kv":
-            k, v = cross_attn.project_kv(enc)
+            k, v = cross_attn.project(enc, "kv")
             return carry, {"cross_k": to_cache_layout(k, layout), "cross_v": to_cache_layout(v, layout)}
 
         dropout = nn.Dropout(cfg.dropout)
@@ -117,7 +117,7 @@ class DecoderLayer(nn.Module):
             x = carry
 
             def self_sublayer(h):
-                return self_attn(h, h, self_mask, det)
+                return self_attn(h, None, self_mask, det)
 
             def cross_sublayer(h):
                 return cross_attn(h, enc, enc_mask, det)
@@ -127,15 +127,15 @@ class DecoderLayer(nn.Module):
 
             def self_sublayer(h):
                 nonlocal cache_k, cache_v
-                k, v = self_attn.project_kv(h)  # [B*K, 1, N, H]
+                q, k, v = self_attn.project(h, "qkv")  # [B*K, 1, N, H]
                 cache_k = write_cache(cache_k, k, index, layout, layer)
                 cache_v = write_cache(cache_v, v, index, layout, layer)
                 layer_k, layer_v = (cache_k, cache_v) if layer is None else (cache_k[layer], cache_v[layer])
-                return self_attn.attend_cached(self_attn.project_q(h), layer_k, layer_v, self_mask, layout)
+                return self_attn.attend_cached(q, layer_k, layer_v, self_mask, layout)
 
             def cross_sublayer(h):
                 batch = cross_k.shape[0]
-                q = cross_attn.project_q(h)  # [B*K, 1, N, H]
+                (q,) = cross_attn.project(h, "q")  # [B*K, 1, N, H]
                 # The K beams of one input become K query positions over that input's shared keys.
                 q = q.reshape(batch, -1, *q.shape[2:])
                 out = cross_attn.attend_cached(q, cross_k, cross_v, enc_mask, layout)  # [B, K, d]
