@@ -217,7 +217,6 @@ def test_cli_across_two_processes_matches_one_process_and_resumes_after_sigterm_
     sharded = list(reads[0])
     assert sorted(int(k.split("/")[0]) for k in sharded) == [16, 20, 64, 120]  # every split was read
     for key in sharded:
-        size = int(key.split("/")[0])
         assert reads[0][key] and reads[1][key] and not reads[0][key] & reads[1][key], key
         assert all(i % 2 == 0 for i in reads[0][key]) and all(i % 2 == 1 for i in reads[1][key]), key
 
