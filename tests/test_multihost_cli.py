@@ -284,13 +284,18 @@ def watch(monkeypatch):
 def test_process_0_tells_the_others_which_process_was_lost(watch):
     distributed, ended = watch
     listener = distributed._listening_socket()
-    threading.Thread(target=distributed._serve, args=(listener,), daemon=True).start()
+    threading.Thread(target=distributed._serve, args=(listener, 1234), daemon=True).start()
 
-    def peer(i):
+    def peer(i, token=1234):
         sock = socket.create_connection(("127.0.0.1", listener.getsockname()[1]), timeout=10)
-        sock.sendall(f"{i}\n".encode())
+        sock.sendall(f"{token} {i}\n".encode())
         return sock
 
+    for stranger in (peer(4, token=999), socket.create_connection(("127.0.0.1", listener.getsockname()[1]))):
+        stranger.sendall(b"5\n")  # without this job's token, a connection closing is no loss
+        stranger.close()
+    time.sleep(0.2)
+    assert ended.empty()
     finished, lost, other = peer(3), peer(1), peer(2)
     finished.sendall(b"bye\n")  # an orderly exit says so before its connection closes
     finished.close()

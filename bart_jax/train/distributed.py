@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import secrets
 import selectors
 import signal
 import socket
@@ -64,16 +65,18 @@ def initialize_distributed(cfg: RunConfig) -> None:
 
     several = jax.process_count() > 1
     listener = _listening_socket() if several and jax.process_index() == 0 else None
-    # One gather: each process's num_processes, and the port process 0 watches the others on.
+    # A connection to the watch counts only with this job's token: a stranger on the port ends nothing.
+    token = secrets.randbelow(2**31 - 1) + 1 if listener else 0
+    # One gather: each process's num_processes, and the port and token process 0 watches the others with.
     gathered = np.asarray(multihost_utils.process_allgather(np.asarray(
-        [d.num_processes or jax.process_count(), listener.getsockname()[1] if listener else 0], np.int32)))
+        [d.num_processes or jax.process_count(), listener.getsockname()[1] if listener else 0, token], np.int32)))
     claims = gathered[:, 0]
     if (claims != jax.process_count()).any():
         raise UserError(f"distributed.num_processes differs from the job the coordinator at {d.coordinator_address} "
                         f"formed ({jax.process_count()} processes; each process's setting: {claims.tolist()}); give "
                         "every process the same num_processes")
     if several:
-        _watch_job(listener, int(gathered[0, 1]))
+        _watch_job(listener, int(gathered[0, 1]), int(gathered[0, 2]))
     try:
         partitioning.mesh_shape(cfg.mesh, jax.device_count())
     except ValueError as e:
@@ -174,15 +177,16 @@ def _listening_socket() -> socket.socket:
     return socket.create_server(("", 0), family=socket.AF_INET6 if dual else socket.AF_INET, dualstack_ipv6=dual)
 
 
-def _watch_job(listener: socket.socket | None, port: int) -> None:
-    """Watch the other processes of the job: each connects to process 0 and says who it is. A process that
+def _watch_job(listener: socket.socket | None, port: int, token: int) -> None:
+    """Watch the other processes of the job: each connects to process 0 and says who it is, with the job's
+    `token`. A process that
     dies, however (SIGKILL, a crash), has its connections closed by the kernel, so the other end learns at
     once, where JAX's heartbeat takes `distributed.heartbeat_timeout_s` and then aborts with a stack trace. A
     process that ends in order says 'bye' first (at exit). Process 0 tells the others which process was lost.
     Without a connection (an unreachable port) the job runs as before, on JAX's heartbeat alone."""
     atexit.register(_farewell)
     if listener is not None:
-        threading.Thread(target=_serve, args=(listener,), name="bart_jax-watch", daemon=True).start()
+        threading.Thread(target=_serve, args=(listener, token), name="bart_jax-watch", daemon=True).start()
         return
     address = _coordinator_address()
     host = address.rpartition(":")[0].strip("[]") if address else None
@@ -191,7 +195,7 @@ def _watch_job(listener: socket.socket | None, port: int) -> None:
             raise OSError("the coordinator's address is unknown")
         sock = socket.create_connection((host, port), timeout=30)
         sock.settimeout(None)
-        sock.sendall(f"{jax.process_index()}\n".encode())
+        sock.sendall(f"{token} {jax.process_index()}\n".encode())
     except OSError as e:
         logger.warning("cannot watch process 0 at %s:%s (%s): a lost process ends the job only after "
                        "distributed.heartbeat_timeout_s, with JAX's own message", host, port, e)
@@ -224,8 +228,9 @@ def _listen(sock: socket.socket) -> None:
             _end_job(_lost(0))
 
 
-def _serve(listener: socket.socket) -> None:
-    """Process 0: accept the others' connections; when one closes without 'bye', tell the rest and end."""
+def _serve(listener: socket.socket, token: int) -> None:
+    """Process 0: accept the others' connections (each says '<token> <process id>' first); when one closes
+    without 'bye', tell the rest and end. A connection without the token is never a process of the job."""
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     who: dict[socket.socket, int | None] = {}
@@ -253,8 +258,9 @@ def _serve(listener: socket.socket) -> None:
                 selector.unregister(conn)  # ended in order, or never said who it was
                 del who[conn]
                 continue
-            if lines and lines[0].isdigit() and who[conn] is None:
-                who[conn] = int(lines[0])
+            claim = lines[0].split() if lines and who[conn] is None else []
+            if len(claim) == 2 and claim[0] == str(token).encode() and claim[1].isdigit():
+                who[conn] = int(claim[1])
             if not data:
                 selector.unregister(conn)
                 _relay(who[conn], [c for c in who if c is not conn and who[c] is not None])
