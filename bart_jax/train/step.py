@@ -220,13 +220,13 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
     deterministic = model_config.dropout == 0 and model_config.attention_dropout == 0 \
         and model_config.activation_dropout == 0
 
-    def constrain(tree, shardings):
-        # Only the gradients are pinned (elsewhere XLA propagates shardings from the state's in/out
-        # shardings): the partial sums to one per shard, their total to the parameter shardings.
-        return tree if grad_shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
-
     partial_shardings = None if grad_shardings is None else jax.tree.map(
         lambda s: partitioning.partial_sum_sharding(s, axes), grad_shardings)
+
+    def constrain_partial(tree):
+        # Only the gradients are pinned (elsewhere XLA propagates shardings from the state's in/out
+        # shardings): the partial sums here to one per shard, their total in `_sum_over_shards`.
+        return tree if partial_shardings is None else jax.lax.with_sharding_constraint(tree, partial_shardings)
 
     def train_step(state: TrainState, batch: dict):
         full = batch_fn(batch, state.step)
@@ -239,7 +239,7 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
         micro_grads, shards = _per_shard_gradients(
             model, state.params, denom, deterministic, lambda logits, labels: loss_sums(
                 logits, labels, pad_id, label_smoothing, label_smoothing_form),
-            lambda g: constrain(g, partial_shardings), axes)
+            constrain_partial, axes)
 
         if micro_batches == 1:
             partial, loss, nll, correct = micro_grads(full, step_key)
@@ -247,7 +247,7 @@ def make_train_step(model_config: BartConfig, optimizer: optax.GradientTransform
             zeros = jax.tree.map(lambda p: jnp.zeros((shards, *p.shape), jnp.promote_types(p.dtype, jnp.float32)),
                                  state.params)
             partial, loss, nll, correct = accumulate(micro_grads, _split_micro(full, micro_batches), step_key,
-                                                     zeros, lambda g: constrain(g, partial_shardings))
+                                                     zeros, constrain_partial)
         grads = _sum_over_shards(partial, grad_shardings, axes)
 
         new_state, update_metrics = guarded_update(state, grads, loss, total_tokens, optimizer)
