@@ -76,7 +76,8 @@ def initialize_distributed(cfg: RunConfig) -> None:
                         f"formed ({jax.process_count()} processes; each process's setting: {claims.tolist()}); give "
                         "every process the same num_processes")
     if several:
-        _watch_job(listener, int(gathered[0, 1]), int(gathered[0, 2]))
+        _watch_job(listener, d.coordinator_address or _coordinator_address(), int(gathered[0, 1]),
+                   int(gathered[0, 2]))
     try:
         partitioning.mesh_shape(cfg.mesh, jax.device_count())
     except ValueError as e:
@@ -155,7 +156,7 @@ def _end_job(e: JobLost) -> None:
 
 
 def _coordinator_address() -> str | None:
-    """The address JAX connected to (also when it detected the cluster itself); None if unknown."""
+    """The address JAX connected to when it detected the cluster itself; None if unknown."""
     try:
         from jax._src import distributed as jax_distributed  # private: only where the config gave no address
 
@@ -177,18 +178,17 @@ def _listening_socket() -> socket.socket:
     return socket.create_server(("", 0), family=socket.AF_INET6 if dual else socket.AF_INET, dualstack_ipv6=dual)
 
 
-def _watch_job(listener: socket.socket | None, port: int, token: int) -> None:
-    """Watch the other processes of the job: each connects to process 0 and says who it is, with the job's
-    `token`. A process that
-    dies, however (SIGKILL, a crash), has its connections closed by the kernel, so the other end learns at
-    once, where JAX's heartbeat takes `distributed.heartbeat_timeout_s` and then aborts with a stack trace. A
-    process that ends in order says 'bye' first (at exit). Process 0 tells the others which process was lost.
-    Without a connection (an unreachable port) the job runs as before, on JAX's heartbeat alone."""
+def _watch_job(listener: socket.socket | None, address: str | None, port: int, token: int) -> None:
+    """Watch the other processes of the job: each connects to `port` on process 0's host (that of the
+    coordinator `address`) and says who it is, with the job's `token`. A process that dies, however (SIGKILL,
+    a crash), has its connections closed by the kernel, so the other end learns at once, where JAX's heartbeat
+    takes `distributed.heartbeat_timeout_s` and then aborts with a stack trace. A process that ends in order
+    says 'bye' first (at exit). Process 0 tells the others which process was lost. Without a connection (an
+    unreachable port) the job runs as before, on JAX's heartbeat alone."""
     atexit.register(_farewell)
     if listener is not None:
         threading.Thread(target=_serve, args=(listener, token), name="bart_jax-watch", daemon=True).start()
         return
-    address = _coordinator_address()
     host = address.rpartition(":")[0].strip("[]") if address else None
     try:
         if not host:
