@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import jax
 
 from bart_jax.train import distributed
+from bart_jax.train.checkpoint import saved_steps
 from bart_jax.train.config import RunConfig, load_config
 from bart_jax.train.loop import run_stage
 from bart_jax.train.progress import StageReporter, TrainingDiverged, resumed_line, step_line
@@ -72,9 +72,6 @@ def _cli(stage: str, argv: list[str]) -> int:
 
 def _last_checkpoint(cfg: RunConfig, stage: str) -> str:
     """' (step N in DIR)': the checkpoint a restarted stage resumes from."""
-    directory = os.path.join(cfg.run_dir(stage), "checkpoints")
-    try:
-        steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
-    except OSError:
-        steps = []
-    return f" (step {max(steps)} in {directory})" if steps else " (none saved yet: the stage starts over)"
+    directory = cfg.checkpoint_dir(stage)
+    steps = saved_steps(directory)
+    return f" (step {steps[-1]} in {directory})" if steps else " (none saved yet: the stage starts over)"

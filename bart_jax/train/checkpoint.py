@@ -141,10 +141,17 @@ def close_all() -> None:
 def is_training_checkpoint(path: str | os.PathLike) -> bool:
     """True for a Checkpointer directory (holding numbered steps) or one step directory inside it."""
     path = os.fspath(path)
-    if os.path.isdir(os.path.join(path, STATE)):
-        return True
-    return os.path.isdir(path) and any(n.isdigit() and os.path.isdir(os.path.join(path, n, STATE))
-                                       for n in os.listdir(path))
+    return os.path.isdir(os.path.join(path, STATE)) or bool(saved_steps(path))
+
+
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """The complete steps of a Checkpointer directory (numbered directories holding a state), ascending;
+    [] when there are none or no such directory. Reads the file system only (no orbax manager)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n, STATE)))
 
 
 def _resolve_step_dir(path: str) -> str:

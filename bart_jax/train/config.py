@@ -223,6 +223,10 @@ class RunConfig:
     def run_dir(self, stage: str) -> str:
         return os.path.join(self.workdir, self.stage(stage).run_name or stage)
 
+    def checkpoint_dir(self, stage: str) -> str:
+        """Where `stage` keeps its training checkpoints (`bart_jax.train.checkpoint.Checkpointer`)."""
+        return os.path.join(self.run_dir(stage), "checkpoints")
+
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
 

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 def check_init_from_exists(cfg: RunConfig, stage: str) -> None:
     """A stage that is not resuming and starts from `init_from` needs that to exist (UserError)."""
     init_from = cfg.stage(stage).init_from
-    if not init_from or ckpt_lib.is_training_checkpoint(os.path.join(cfg.run_dir(stage), "checkpoints")):
+    if not init_from or ckpt_lib.is_training_checkpoint(cfg.checkpoint_dir(stage)):
         return
     path = resolve_init_from(cfg, init_from)
     if not os.path.exists(path):
