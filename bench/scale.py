@@ -220,11 +220,11 @@ def fit_largest(rows: list[dict]) -> list[dict]:
         cfg = model_config(name)
         shapes[name] = (approx_params(cfg), (cfg.encoder_layers + cfg.decoder_layers) * cfg.d_model)
     out = []
-    cases = sorted({(tuple(r["layout"]), r.get("gradient_reduction", "per_step")) for r in rows if "error" not in r},
+    cases = sorted({(tuple(r["layout"]), r["gradient_reduction"]) for r in rows if "error" not in r},
                    key=lambda x: (x[0][0] * x[0][1] * x[0][2], x))
     for lay, reduction in cases:
         got = [r for r in rows if "error" not in r and tuple(r["layout"]) == lay
-               and r.get("gradient_reduction", "per_step") == reduction]
+               and r["gradient_reduction"] == reduction]
         if len(got) < 2:
             continue
         shard = lay[1] * lay[2]
@@ -237,7 +237,8 @@ def fit_largest(rows: list[dict]) -> list[dict]:
             coef[0] = STATE_BYTES_PER_PARAM
             rest = peaks - coef[0] * a_mat[:, 0]
             coef[1] = float(a_mat[:, 1] @ rest / (a_mat[:, 1] @ a_mat[:, 1]))
-        row = {"layout": list(lay), "gradient_reduction": reduction, "bytes_per_param_shard": coef[0], "bytes_per_layer_width": coef[1],
+        row = {"layout": list(lay), "gradient_reduction": reduction, "bytes_per_param_shard": coef[0],
+               "bytes_per_layer_width": coef[1],
                "fitted_on": [r["model"] for r in got]}
         for hbm, gib in ASSUMPTIONS["hbm_gib"].items():
             fits = [(p, n) for n, (p, lw) in shapes.items() if coef[0] * p / shard + coef[1] * lw <= gib * GIB]
@@ -254,7 +255,7 @@ def print_fits(rows: list[dict]) -> None:
         print("\nLargest MODELS shape predicted to fit (EXTRAPOLATED: peak = a*params/(fsdp*tensor) + "
               "b*layers*d_model fitted per layout on the compiled models, same per-device batch):")
         for f in fits:
-            print(f"  {'x'.join(map(str, f['layout']))} {f.get('gradient_reduction', 'per_step')}: " + ", ".join(
+            print(f"  {'x'.join(map(str, f['layout']))} {f['gradient_reduction']}: " + ", ".join(
                 f"{hbm}: {f[hbm]}" for hbm in ASSUMPTIONS["hbm_gib"]) +
                 f"  (a={f['bytes_per_param_shard']:.1f} B/param, b={f['bytes_per_layer_width'] / 2**20:.2f} MiB"
                 f" per layer x d_model unit, fitted on {', '.join(f['fitted_on'])})")
@@ -283,7 +284,7 @@ def fmt_table(rows: list[dict], markdown: bool = False) -> str:
         if "error" in r:
             lay = r["layout"]
             cells = [r["name"], "", str(lay[0] * lay[1] * lay[2]), "×".join(map(str, lay)),
-                     r.get("gradient_reduction", "per_step"), "", r["error"][:80]]
+                     r["gradient_reduction"], "", r["error"][:80]]
             cells += [""] * (len(cols) - len(cells))
         else:
             c = r["collectives"]
@@ -292,7 +293,7 @@ def fmt_table(rows: list[dict], markdown: bool = False) -> str:
             fits = "/".join("yes" if peak <= g else "no" for g in ASSUMPTIONS["hbm_gib"].values())
             cells = [
                 r["model"], f"{r['params'] / 1e9:.2f}B", str(r["devices"]), "×".join(map(str, r["layout"])),
-                r.get("gradient_reduction", "per_step"), str(r["global_batch"]),
+                r["gradient_reduction"], str(r["global_batch"]),
                 f"{r['param_bytes_per_device'] / 2**20:.0f} ({r['param_bytes_expected'] / 2**20:.0f})",
                 f"{r['opt_bytes_per_device'] / 2**20:.0f} ({r['opt_bytes_expected'] / 2**20:.0f})",
                 f"{r['temp_bytes'] / GIB:.1f}", f"{peak:.1f}",
@@ -331,15 +332,15 @@ def main(argv=None) -> int:
         for path in args.from_json.split(","):
             with open(path) as f:
                 for r in json.load(f)["rows"]:
-                    merged[(r.get("model", r.get("name")), tuple(r["layout"]),
-                            r.get("gradient_reduction", "per_step"))] = r
+                    r.setdefault("gradient_reduction", "per_step")  # rows written before the option existed
+                    merged[(r.get("model", r.get("name")), tuple(r["layout"]), r["gradient_reduction"])] = r
         names = list(MODELS)
 
         def order(r):
             lay, n = tuple(r["layout"]), r["layout"][0] * r["layout"][1] * r["layout"][2]
             known = LAYOUTS.get(n, [])
             return (n, names.index(r.get("model", r.get("name"))), known.index(lay) if lay in known else len(known),
-                    r.get("gradient_reduction", "per_step") != "per_step")
+                    r["gradient_reduction"] != "per_step")
 
         rows = sorted(merged.values(), key=order)
         print(fmt_table(rows, markdown=args.markdown))
