@@ -28,7 +28,6 @@ LAYERS = MODEL.encoder_layers  # = decoder_layers
 SLACK = 1.1
 
 
-@functools.cache
 def compile_for(layout, micro_batches=SHAPE.micro_batches, gradient_reduction="per_step"):
     """(collectives, param bytes, per-device param bytes, bytes of the parameters split over fsdp)."""
     return _compile(layout, micro_batches, gradient_reduction)[:4]
